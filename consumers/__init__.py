@@ -1,0 +1,7 @@
+"""The worker side: consume requests, batch them, run the model, publish results."""
+
+from ._commit import Committer, ConsumerCommitter
+from ._inference import RunStats
+from .worker import Worker
+
+__all__ = ["Committer", "ConsumerCommitter", "RunStats", "Worker"]

@@ -1,0 +1,114 @@
+"""Offset commits, kept apart from the worker so a transactional committer can plug in here.
+
+The rule (at-least-once): a partition's offset is committed only after the results for
+every record before it are acknowledged by the broker, and only by the worker that still
+owns the partition in the same assignment epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, RebalanceInProgressError
+
+__all__ = ["Committer", "ConsumerCommitter", "OrderedCommits"]
+
+log = logging.getLogger("streamer.worker")
+
+
+class Committer(Protocol):
+    async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit ``offsets`` (the next offset to read, per partition); False if the group refused."""
+        ...
+
+
+class ConsumerCommitter:
+    """At-least-once: commit through the consumer group, after the results are acknowledged."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        owned = self._consumer.assignment()
+        mine = {tp: off for tp, off in offsets.items() if tp in owned}
+        if not mine:
+            return True
+        try:
+            await self._consumer.commit(mine)
+        except (CommitFailedError, RebalanceInProgressError, IllegalStateError) as exc:
+            # The group moved on: these records will be redelivered to the new owner, whose
+            # results the client de-duplicates by request id.
+            log.warning("offset commit refused (%s); records will be redelivered", exc)
+            return False
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise
+            log.warning("offset commit failed (%s); the next commit covers it", exc)
+            return False
+        return True
+
+
+class OrderedCommits:
+    """Commits batches in the order they were processed, once all their deliveries are acknowledged.
+
+    ``add`` takes a batch's delivery futures and its offsets; one background task awaits them
+    in order and commits. ``drain`` waits until every batch added so far is committed.
+    """
+
+    def __init__(self, committer: Committer, current_epoch: Callable[[TopicPartition], int]) -> None:
+        self._committer = committer
+        self._epoch = current_epoch
+        # (delivery futures, {partition: (next offset, epoch when fetched)})
+        self._queue: asyncio.Queue[tuple[list[Awaitable[Any]], dict[TopicPartition, tuple[int, int]]] | None] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.committed_batches = 0
+        self.refused = 0
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="streamer-commits")
+
+    def add(
+        self, deliveries: Iterable[Awaitable[Any]], offsets: dict[TopicPartition, tuple[int, int]]
+    ) -> None:
+        if self._task is not None and self._task.done():
+            self._task.result()  # re-raise a fatal error from the commit task
+        self._queue.put_nowait((list(deliveries), offsets))
+
+    async def drain(self) -> None:
+        await self._queue.join()
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        await self._task
+
+    async def _run(self) -> None:
+        while True:
+            entry = await self._queue.get()
+            try:
+                if entry is None:
+                    return
+                deliveries, offsets = entry
+                # A failed delivery raises here and stops the worker: nothing is committed past it.
+                await asyncio.gather(*deliveries)
+                # Partitions revoked since these records were fetched are not ours to commit.
+                mine = {tp: off for tp, (off, epoch) in offsets.items() if epoch == self._epoch(tp)}
+                if not mine:
+                    continue
+                if await self._committer.commit(mine):
+                    self.committed_batches += 1
+                else:
+                    self.refused += 1
+            finally:
+                self._queue.task_done()

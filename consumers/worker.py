@@ -1,0 +1,232 @@
+"""The worker: one consumer-group member that batches requests, runs the model and replies.
+
+The public class starts, stops and validates; three background tasks do the work:
+fetch (consumer -> batch queue, pausing partitions when the queue is full), process
+(batch queue -> model thread -> producer, in order) and commit (acknowledged results ->
+committed offsets, in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections import defaultdict
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from schemas import SCHEMA_VERSION, Codec, Limits, WireError
+from streamer import kafka
+from streamer.batching import BatchPolicy, BatchQueue
+from streamer.config import WorkerSettings
+from streamer.models import Model, load_model
+
+from ._commit import ConsumerCommitter, OrderedCommits
+from ._dead_letter import send_dead_letter
+from ._inference import BatchRunner, RunStats
+from ._items import Item, Outcome
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("streamer.worker")
+
+_RESULT_HEADERS = [("streamer-schema", str(SCHEMA_VERSION).encode()), ("content-type", b"application/msgpack")]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._worker._on_assigned(set(assigned))
+
+
+class Worker:
+    """One member of the worker group. Use ``await worker.run()`` or start/stop explicitly."""
+
+    def __init__(self, settings: WorkerSettings, model: Model | None = None, limits: Limits | None = None) -> None:
+        self.settings = settings
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.model = model or load_model(settings.model, settings.device)
+        self.policy = BatchPolicy(settings.max_batch_size, settings.max_wait_ms)
+        self.max_buffered = settings.max_buffered or 4 * settings.max_batch_size
+        self.codec = Codec(limits)
+        self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic)
+        self._queue: BatchQueue[Item] = BatchQueue(self.policy)
+        self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
+        self._revoking: set[TopicPartition] = set()
+        self._paused = False
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no batch is being processed
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.rebalances = 0
+        self._consumer = kafka.consumer(
+            settings,
+            group_id=settings.group_id,
+            client_id=f"{settings.client_id}-worker-{self.name}",
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            max_poll_records=settings.max_batch_size,
+        )
+        self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}")
+        self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp])
+
+    @property
+    def stats(self) -> RunStats:
+        return self.runner.stats
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
+        await self._producer.start()
+        try:
+            self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
+            await self._consumer.start()
+        except BaseException:
+            await self._producer.stop()
+            raise
+        self._commits.start()
+        self._tasks = [
+            asyncio.create_task(self._fetch_loop(), name="streamer-fetch"),
+            asyncio.create_task(self._process_loop(), name="streamer-process"),
+        ]
+        log.info("worker %s serving %s v%s on %s (group %s, batch %d, wait %g ms)", self.name,
+                 self.model.name, self.model.version, self.settings.request_topic, self.settings.group_id,
+                 self.policy.max_batch_size, self.policy.max_wait_ms)
+
+    def request_stop(self) -> None:
+        """Stop fetching; the batch in flight finishes and is committed (used by SIGTERM)."""
+        self._stopping.set()
+        self._queue.close()
+
+    async def stop(self) -> None:
+        self.request_stop()
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._tasks), self.settings.shutdown_timeout_s)
+            await asyncio.wait_for(self._commits.close(), self.settings.shutdown_timeout_s)
+        finally:
+            await self._consumer.stop()  # leaves the group
+            await self._producer.stop()
+            self.runner.close()
+            log.info("worker %s stopped: %s", self.name, self.stats)
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        try:
+            watched = [*self._tasks, *([self._commits.task] if self._commits.task else [])]
+            stop_wait = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait([*watched, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            for task in done:
+                if task is not stop_wait and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            await self.stop()
+
+    # -- rebalance ---------------------------------------------------------------------------------------
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.rebalances += 1
+        if not revoked:
+            return
+        self._revoking = revoked
+        dropped = self._queue.drop(lambda item: item.tp not in revoked)
+        # Finish and commit what is already running, while the partitions are still ours.
+        try:
+            await asyncio.wait_for(self._drain(), self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.warning("revoke: in-flight work did not finish in time; it will not be committed here")
+        for tp in revoked:
+            self._epochs[tp] += 1
+        log.info("partitions revoked: %s (%d queued records left for the next owner)",
+                 sorted(f"{tp.topic}-{tp.partition}" for tp in revoked), dropped)
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._revoking = set()
+        self._paused = False
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+    async def _drain(self) -> None:
+        await self._idle.wait()
+        await self._commits.drain()
+
+    # -- background tasks ----------------------------------------------------------------------------------
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            self._apply_backpressure()
+            batches = await consumer.getmany(timeout_ms=100, max_records=self.policy.max_batch_size)
+            if self._stopping.is_set():
+                break  # not started: these records go to whoever reads the partition next
+            now = time.monotonic()
+            owned = consumer.assignment()
+            for tp, records in batches.items():
+                if tp not in owned or tp in self._revoking:
+                    continue
+                epoch = self._epochs[tp]
+                for r in records:
+                    self._queue.put(Item(tp, r.offset, r.key, r.value or b"", list(r.headers or ()), now, epoch))
+
+    def _apply_backpressure(self) -> None:
+        full = len(self._queue) >= self.max_buffered
+        if full and not self._paused:
+            self._consumer.pause(*self._consumer.assignment())
+            self._paused = True
+        elif not full and self._paused:
+            self._consumer.resume(*self._consumer.paused())
+            self._paused = False
+
+    async def _process_loop(self) -> None:
+        while True:
+            batch = await self._queue.next_batch()
+            if self._stopping.is_set():
+                return  # not started: these records are redelivered to the partition's next reader
+            if not batch:
+                continue
+            self._idle.clear()
+            try:
+                outcomes = await self.runner.run(batch)
+                deliveries = [d for o in outcomes for d in await self._publish(o)]
+                offsets: dict[TopicPartition, tuple[int, int]] = {}
+                for item in batch:
+                    offsets[item.tp] = (item.offset + 1, item.epoch)
+                self._commits.add(deliveries, offsets)
+            finally:
+                self._idle.set()
+            if self._stopping.is_set():
+                return  # the batch in flight is done; queued records are left for redelivery
+
+    async def _publish(self, outcome: Outcome) -> list[Any]:
+        futures = []
+        item, result = outcome.item, outcome.result
+        if result is not None and outcome.reply_topic is not None:
+            headers = [*_RESULT_HEADERS, ("streamer-request-id", result.id.encode())]
+            try:
+                value = self.codec.encode_result(result)
+            except (WireError, TypeError) as exc:
+                # The model's output cannot go on the wire: an error result, and a dead letter.
+                self.runner.fail(outcome, "model_error", f"output cannot be encoded: {exc}", result.timings)
+                assert outcome.result is not None
+                value = self.codec.encode_result(outcome.result)
+            futures.append(await self._producer.send(
+                outcome.reply_topic, value, key=item.key,
+                partition=outcome.reply_partition, headers=headers,
+            ))
+        if outcome.dead_letter is not None:
+            futures.append(await send_dead_letter(
+                self._producer, self.settings.dead_letter_topic, item, outcome.dead_letter, self.name
+            ))
+        return futures

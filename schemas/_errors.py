@@ -1,0 +1,31 @@
+"""Errors raised while reading or writing wire messages."""
+
+from __future__ import annotations
+
+__all__ = ["DecodeError", "LimitExceeded", "SchemaError", "WireError"]
+
+
+class WireError(ValueError):
+    """A message could not be decoded or validated. ``code`` is the wire error code."""
+
+    code = "decode_error"
+
+    def __init__(self, message: str, *, request_id: str | None = None, reply_to: object = None) -> None:
+        super().__init__(message)
+        # What could still be read from a bad message, so the requester can get an error result.
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
+class DecodeError(WireError):
+    """The bytes are not valid msgpack, valid UTF-8, or use a forbidden construct."""
+
+
+class LimitExceeded(DecodeError):
+    """A message, tensor or nesting depth is over the configured limit."""
+
+
+class SchemaError(WireError):
+    """Valid msgpack that does not match the request or result schema."""
+
+    code = "schema_error"

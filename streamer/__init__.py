@@ -1,0 +1,33 @@
+"""streamer: batched PyTorch inference on Apache Kafka. The core shared by clients and workers."""
+
+from .batching import BatchPolicy
+from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
+from .errors import (
+    BadInput,
+    BrokerError,
+    ConfigError,
+    FatalError,
+    InferenceError,
+    InferenceTimeout,
+    ModelError,
+    ModelNotFound,
+    StreamerError,
+)
+
+__all__ = [
+    "BadInput",
+    "BatchPolicy",
+    "BrokerError",
+    "ClientSettings",
+    "ConfigError",
+    "FatalError",
+    "InferenceError",
+    "InferenceTimeout",
+    "KafkaSettings",
+    "ModelError",
+    "ModelNotFound",
+    "StreamerError",
+    "WorkerSettings",
+    "load_settings",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,237 @@
+"""The local broker: Apache Kafka (KRaft, single combined node) from Maven Central jars.
+
+The jars are resolved once with Maven into ``<cache>/kafka-<version>/libs`` and reused.
+The broker runs as a child JVM with a small heap; :meth:`LocalKafka.stop` (or SIGTERM)
+is a controlled shutdown. See README.md, "The local broker".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from .errors import BrokerError
+from .paths import cache_dir
+
+__all__ = ["KAFKA_VERSION", "LocalKafka", "free_port", "kafka_jars"]
+
+KAFKA_VERSION = "4.1.1"
+LOG4J_VERSION = "2.24.3"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>streamer.local</groupId><artifactId>kafka-broker</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
+      <version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = file
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = info
+"""
+
+def _require(tool: str, hint: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise BrokerError(f"{tool} was not found on PATH; {hint}")
+    return path
+
+def kafka_jars(version: str = KAFKA_VERSION, root: Path | None = None) -> Path:
+    """The folder of broker jars for ``version``, resolved with Maven on first use."""
+    libs = (root or cache_dir()) / f"kafka-{version}" / "libs"
+    if (libs / ".complete").exists():
+        return libs
+    mvn = _require("mvn", "install Maven 3.8+ (Debian: apt-get install maven) to fetch the Kafka jars")
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=libs.parent) as tmp:
+        (Path(tmp) / "pom.xml").write_text(_POM.format(kafka=version, log4j=LOG4J_VERSION))
+        staging = Path(tmp) / "libs"
+        proc = subprocess.run(
+            [mvn, "-q", "-B", "dependency:copy-dependencies", "-DincludeScope=runtime",
+             f"-DoutputDirectory={staging}"],
+            cwd=tmp, capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise BrokerError(f"Maven could not resolve Kafka {version}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        (staging / ".complete").write_text(version)
+        if libs.exists():
+            shutil.rmtree(libs)
+        staging.rename(libs)
+    return libs
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+class LocalKafka:
+    """One KRaft node acting as broker and controller, on loopback ports.
+
+    ``data_dir`` keeps the data across restarts (formatted on first use only);
+    without it a temporary folder is used and removed at :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        controller_port: int | None = None,
+        data_dir: str | Path | None = None,
+        heap_mb: int = 384,
+        version: str = KAFKA_VERSION,
+        extra_properties: dict[str, str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.controller_port = controller_port or free_port()
+        self._keep = data_dir is not None
+        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamer-kafka-"))
+        self.heap_mb = heap_mb
+        self.version = version
+        self.extra = extra_properties or {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "broker.log"
+
+    def _properties(self) -> str:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.data_dir / "log"),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "num.partitions": "8",
+            "log.cleaner.dedupe.buffer.size": str(8 * 1024 * 1024),
+            "auto.create.topics.enable": "true",
+        }
+        props.update(self.extra)
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def start(self, timeout_s: float = 60.0) -> LocalKafka:
+        java = _require("java", "install a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless)")
+        libs = kafka_jars(self.version)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "server.properties"
+        conf.write_text(self._properties())
+        log4j = self.data_dir / "log4j2.properties"
+        log4j.write_text(_LOG4J2.format(log=self.log_file, level="WARN"))
+        classpath = f"{libs}/*"
+        if not (self.data_dir / "log" / "meta.properties").exists():
+            cluster_id = _cluster_id()
+            fmt = subprocess.run(
+                [java, "-cp", classpath, f"-Dlog4j2.configurationFile={log4j}", "kafka.tools.StorageTool",
+                 "format", "-t", cluster_id, "-c", str(conf), "--standalone"],
+                capture_output=True, text=True, check=False,
+            )
+            if fmt.returncode != 0:
+                raise BrokerError(f"formatting the Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
+        cmd = [
+            java, f"-Xmx{self.heap_mb}m", f"-Xms{self.heap_mb}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.data_dir}",
+            f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(conf),
+        ]
+        out = (self.data_dir / "broker.out").open("ab")
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                tail = (self.data_dir / "broker.out").read_text(errors="replace")[-3000:]
+                raise BrokerError(f"the Kafka broker exited with code {self._proc.returncode}:\n{tail}")
+            if self.log_file.exists() and "Kafka Server started" in self.log_file.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise BrokerError(f"the Kafka broker did not start within {timeout_s:g} s (log: {self.log_file})")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self) -> int:
+        assert self._proc is not None
+        return self._proc.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Controlled shutdown (SIGTERM), then SIGKILL if it does not exit in ``timeout_s``."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if not self._keep:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the data directory is kept for a restart."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> LocalKafka:
+        return self.start()
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.stop()
+
+def _cluster_id() -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+os.environ.setdefault("KAFKA_HEAP_OPTS", "")  # never let an inherited setting override our heap

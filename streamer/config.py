@@ -1,0 +1,83 @@
+"""Typed settings, validated at start-up. Every field can come from ``STREAMER_<NAME>``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+__all__ = ["ClientSettings", "KafkaSettings", "WorkerSettings", "load_settings"]
+
+_S = TypeVar("_S", bound="KafkaSettings")
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the cluster. Shared by workers, clients and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMER_", extra="forbid", validate_default=True)
+
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
+    client_id: str = Field(default="streamer", min_length=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    request_topic: str = Field(default="streamer.requests", min_length=1, max_length=249)
+    results_topic: str = Field(default="streamer.results", min_length=1, max_length=249)
+    dead_letter_topic: str = Field(default="streamer.dead-letters", min_length=1, max_length=249)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password"
+            )
+        return self
+
+
+class WorkerSettings(KafkaSettings):
+    """One worker: which model, how it batches, which group it joins."""
+
+    group_id: str = Field(default="streamer-workers", min_length=1)
+    model: str = Field(default="tiny-mlp", min_length=1)
+    device: str | None = Field(default=None, description="torch device; default: cuda when present, else cpu")
+    max_batch_size: int = Field(default=32, ge=1, le=65536)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
+    max_buffered: int = Field(default=0, ge=0, description="records held before pausing fetch; 0 = 4 x batch")
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ClientSettings(KafkaSettings):
+    """The client library: where requests go, where replies come back, how long to wait."""
+
+    reply_topic: str | None = Field(default=None, description="default: a private topic per client")
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_in_flight: int = Field(default=10_000, ge=1)
+
+
+def load_settings(cls: type[_S], **overrides: Any) -> _S:
+    """Build settings from the environment and explicit overrides (overrides win).
+
+    Raises :class:`ConfigError` naming each bad setting and its environment variable.
+    """
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            where = f" (--{name.replace('_', '-')} or STREAMER_{name.upper()})" if name else ""
+            lines.append(f"invalid setting {name or '<settings>'}{where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

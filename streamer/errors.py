@@ -1,0 +1,78 @@
+"""One family of errors for the whole system.
+
+Recoverable errors (one request failed) are kept apart from fatal ones (this
+process cannot go on). Third-party errors are translated at the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from schemas import InferenceResult
+
+__all__ = [
+    "BadInput",
+    "BrokerError",
+    "ConfigError",
+    "FatalError",
+    "InferenceError",
+    "InferenceTimeout",
+    "ModelError",
+    "ModelNotFound",
+    "StreamerError",
+]
+
+
+class StreamerError(Exception):
+    """Base of every error streamer raises on purpose."""
+
+    retriable = False
+
+
+class FatalError(StreamerError):
+    """The process cannot go on (bad configuration, a missing tool, a dead reader task)."""
+
+
+class ConfigError(FatalError):
+    """A setting is missing or invalid. The message names the setting."""
+
+
+class BrokerError(FatalError):
+    """The local broker could not be prepared, started or reached."""
+
+
+class ModelNotFound(FatalError):
+    """``--model`` names neither a built-in nor an importable ``package.module:factory``."""
+
+
+class BadInput(StreamerError):
+    """One request's inputs were rejected by the model (dtype, shape, NaN ...). Recoverable."""
+
+    code = "bad_input"
+
+
+class ModelError(StreamerError):
+    """The model raised while running a batch. Recoverable: other batches go on."""
+
+    code = "model_error"
+
+
+class InferenceTimeout(StreamerError, TimeoutError):
+    """No result arrived for a request within its timeout."""
+
+    retriable = True
+
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        super().__init__(f"no result for request {request_id} within {timeout_s:g} s")
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+
+
+class InferenceError(StreamerError):
+    """A worker answered with an ``error`` or ``expired`` result; the result is attached."""
+
+    def __init__(self, result: InferenceResult) -> None:
+        detail = f"{result.error.code}: {result.error.message}" if result.error else result.status
+        super().__init__(f"request {result.id} failed ({result.status}) - {detail}")
+        self.result = result

@@ -1,0 +1,123 @@
+"""Kafka wiring: every client streamer creates is built here, so TLS/SASL reach all of them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+from .config import KafkaSettings
+
+__all__ = [
+    "TopicSpec",
+    "admin_client",
+    "client_kwargs",
+    "consumer",
+    "delete_topics",
+    "ensure_topics",
+    "producer",
+    "wait_for_topics",
+]
+
+
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection and security keyword arguments shared by producers, consumers and admin clients."""
+    kw: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = create_ssl_context(
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile, keyfile=settings.ssl_keyfile
+        )
+    if settings.security_protocol.startswith("SASL"):
+        assert settings.sasl_password is not None  # checked by the settings validator
+        kw["sasl_mechanism"] = settings.sasl_mechanism
+        kw["sasl_plain_username"] = settings.sasl_username
+        kw["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    return kw
+
+
+def producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """A durable producer: idempotent, ``acks=all``, so per-partition order survives retries."""
+    kw: dict[str, Any] = {**client_kwargs(settings), "acks": "all", "enable_idempotence": True, "linger_ms": 1}
+    kw.update(overrides)
+    return AIOKafkaProducer(**kw)
+
+
+def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    kw: dict[str, Any] = {**client_kwargs(settings), "enable_auto_commit": False, "auto_offset_reset": "earliest"}
+    kw.update(overrides)
+    return AIOKafkaConsumer(*topics, **kw)
+
+
+def admin_client(settings: KafkaSettings) -> AIOKafkaAdminClient:
+    kw = client_kwargs(settings)
+    kw.pop("client_id")
+    return AIOKafkaAdminClient(client_id=f"{settings.client_id}-admin", **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int = 8
+    replication_factor: int = 1
+    config: dict[str, str] = field(default_factory=dict)
+
+
+async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet; returns the names it created."""
+    wanted = {s.name: s for s in specs}
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for n, s in wanted.items() if n not in existing]
+        if not missing:
+            return []
+        new = [
+            NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=dict(s.config)) for s in missing
+        ]
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            pass  # a concurrent creator won the race; that is fine
+        await _wait_listed(admin, [s.name for s in missing])
+        return [s.name for s in missing]
+    finally:
+        await admin.close()
+
+
+async def wait_for_topics(settings: KafkaSettings, names: Iterable[str], timeout_s: float = 30.0) -> None:
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        await asyncio.wait_for(_wait_listed(admin, list(names)), timeout_s)
+    finally:
+        await admin.close()
+
+
+async def _wait_listed(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    while True:
+        try:
+            if set(names) <= set(await admin.list_topics()):
+                return
+        except KafkaError:
+            pass
+        await asyncio.sleep(0.1)
+
+
+async def delete_topics(settings: KafkaSettings, names: Iterable[str]) -> None:
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(names))
+    finally:
+        await admin.close()
