@@ -20,8 +20,10 @@ __all__ = [
     "client_kwargs",
     "consumer",
     "delete_topics",
+    "describe_group",
     "ensure_topics",
     "producer",
+    "wait_for_group",
     "wait_for_topics",
 ]
 
@@ -121,3 +123,31 @@ async def delete_topics(settings: KafkaSettings, names: Iterable[str]) -> None:
         await admin.delete_topics(list(names))
     finally:
         await admin.close()
+
+
+async def describe_group(settings: KafkaSettings, group_id: str) -> tuple[str, list[str]]:
+    """The group's state (``Stable``, ``PreparingRebalance``, ``Empty``, ...) and its member client ids."""
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        response = await admin.describe_consumer_groups([group_id])
+    finally:
+        await admin.close()
+    _err, _group, state, _ptype, _proto, members = response[0].groups[0]
+    return str(state), [str(m[1]) for m in members]
+
+
+async def wait_for_group(settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 60.0) -> None:
+    """Wait until ``group_id`` is stable with exactly ``members`` members."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            state, ids = await describe_group(settings, group_id)
+            if state == "Stable" and len(ids) == members:
+                return
+        except KafkaError:
+            pass
+        if loop.time() > deadline:
+            raise TimeoutError(f"group {group_id} did not reach {members} stable members in {timeout_s:g} s")
+        await asyncio.sleep(0.2)

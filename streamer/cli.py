@@ -1,0 +1,292 @@
+"""The ``streamer`` command line. Every flag also reads ``STREAMER_<NAME>`` from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
+from .errors import StreamerError
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+_KAFKA_FLAGS = {
+    "bootstrap_servers": "host:port[,host:port] of the cluster",
+    "client_id": "client id prefix",
+    "security_protocol": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    "sasl_mechanism": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+    "sasl_username": "SASL user",
+    "sasl_password": "SASL password (prefer STREAMER_SASL_PASSWORD)",
+    "ssl_cafile": "CA bundle for TLS",
+    "ssl_certfile": "client certificate for TLS",
+    "ssl_keyfile": "client key for TLS",
+    "request_topic": "topic of inference requests",
+    "results_topic": "shared results topic",
+    "dead_letter_topic": "topic of dead letters",
+}
+
+
+def _add_kafka(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Kafka (or STREAMER_<NAME>)")
+    for name, help_ in _KAFKA_FLAGS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_)
+
+
+def _add_worker(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("worker (or STREAMER_<NAME>)")
+    g.add_argument("--model", default=None, help="built-in (tiny-mlp, minilm) or package.module:factory")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    g.add_argument("--group-id", dest="group_id", default=None, help="consumer group of the workers")
+    g.add_argument("--max-batch-size", dest="max_batch_size", default=None, help="largest batch")
+    g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None, help="longest wait to fill a batch")
+    g.add_argument("--max-buffered", dest="max_buffered", default=None,
+                   help="records held before fetching pauses (0: 4 x batch)")
+
+
+def _overrides(args: argparse.Namespace, cls: type[KafkaSettings]) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
+
+
+def _settings(args: argparse.Namespace, cls: type[T]) -> T:
+    return load_settings(cls, **_overrides(args, cls))  # type: ignore[type-var,arg-type,return-value]
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .broker import LocalKafka, kafka_jars
+
+    if args.fetch_only:
+        print(kafka_jars())
+        return 0
+    broker = LocalKafka(port=args.port, controller_port=args.controller_port, data_dir=args.data_dir,
+                        heap_mb=args.heap_mb)
+    stop = {"now": False}
+
+    def _stop(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    broker.start()
+    print(f"Apache Kafka {broker.version} is ready. bootstrap servers: {broker.bootstrap_servers}", flush=True)
+    print(f"data: {broker.data_dir}  log: {broker.log_file}  (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    try:
+        while not stop["now"] and broker.running:
+            time.sleep(0.2)
+    finally:
+        crashed = not broker.running
+        broker.stop()
+    print("broker stopped", file=sys.stderr)
+    return 1 if crashed and not stop["now"] else 0
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from .kafka import TopicSpec, ensure_topics
+
+    s = _settings(args, KafkaSettings)
+    specs = [
+        TopicSpec(s.request_topic, args.partitions, args.replication_factor),
+        TopicSpec(s.results_topic, args.partitions, args.replication_factor),
+        TopicSpec(s.dead_letter_topic, args.dead_letter_partitions, args.replication_factor),
+    ]
+    created = _run(ensure_topics(s, specs))
+    for spec in specs:
+        state = "created" if spec.name in created else "exists"
+        print(f"{spec.name}\t{spec.partitions if state == 'created' else '-'}\t{state}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from consumers import Worker
+
+    settings = _settings(args, WorkerSettings)
+
+    async def serve() -> None:
+        await Worker(settings).run()
+
+    _run(serve())
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
+    from producers import request_headers
+    from schemas import Codec, InferenceRequest, ReplyTo, new_request_id
+
+    from . import kafka
+
+    settings = _settings(args, ClientSettings)
+    stream = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")  # noqa: SIM115
+    reply = ReplyTo(topic=args.reply_topic or settings.results_topic, partition=args.reply_partition)
+    codec = Codec()
+
+    async def publish() -> int:
+        producer = kafka.producer(settings)
+        await producer.start()
+        sent = 0
+        try:
+            for lineno, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict) or "inputs" not in obj:
+                        obj = {"inputs": obj}
+                    model = obj.get("model") or args.model
+                    if not model:
+                        raise ValueError("no model: give --model or a 'model' field")
+                    req = InferenceRequest(
+                        id=obj.get("id") or new_request_id(), model=model, inputs=obj["inputs"],
+                        key=obj.get("key"), reply_to=reply, deadline_ms=obj.get("deadline_ms"),
+                        metadata=obj.get("metadata") or {},
+                    )
+                except (ValueError, TypeError) as exc:
+                    print(f"line {lineno}: {exc}", file=sys.stderr)
+                    return 2
+                await producer.send(settings.request_topic, codec.encode_request(req),
+                                    key=req.key.encode() if req.key else None, headers=request_headers(req))
+                print(req.id, flush=True)
+                sent += 1
+            await producer.flush()
+        except KafkaError as exc:
+            print(f"publishing failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await producer.stop()
+        print(f"published {sent} requests to {settings.request_topic}", file=sys.stderr)
+        return 0
+
+    return _run(publish())
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from schemas import Codec, WireError
+
+    from . import kafka
+    from .jsonl import result_to_json
+
+    settings = _settings(args, KafkaSettings)
+    topic = args.topic or settings.results_topic
+    codec = Codec()
+
+    async def follow() -> int:
+        consumer = kafka.consumer(settings, topic, group_id=None,
+                                  auto_offset_reset="earliest" if args.from_beginning else "latest")
+        await consumer.start()
+        seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout_s if args.timeout_s else None
+        try:
+            while args.count is None or seen < args.count:
+                if deadline is not None and loop.time() > deadline:
+                    return 1
+                batches = await consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    for r in records:
+                        try:
+                            print(result_to_json(codec.decode_result(r.value or b"")), flush=True)
+                        except WireError as exc:
+                            print(f"offset {r.offset}: undecodable result: {exc}", file=sys.stderr)
+                        seen += 1
+        finally:
+            await consumer.stop()
+        return 0
+
+    try:
+        return _run(follow())
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description="Batched PyTorch inference on Apache Kafka.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="start a local Apache Kafka (KRaft) from Maven Central jars")
+    p.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    p.add_argument("--controller-port", type=int, default=None, help="controller port (default: a free one)")
+    p.add_argument("--data-dir", default=None, help="keep data here across restarts (default: temporary)")
+    p.add_argument("--heap-mb", type=int, default=384, help="JVM heap in MiB")
+    p.add_argument("--fetch-only", action="store_true", help="only resolve the jars into the cache")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("topics", help="manage topics")
+    tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    c = tsub.add_parser("create", help="create the request, results and dead-letter topics")
+    _add_kafka(c)
+    c.add_argument("--partitions", type=int, default=8, help="partitions of the request and results topics")
+    c.add_argument("--dead-letter-partitions", type=int, default=1)
+    c.add_argument("--replication-factor", type=int, default=1)
+    c.set_defaults(func=cmd_topics_create)
+
+    p = sub.add_parser("worker", help="run one worker of the group")
+    _add_kafka(p)
+    _add_worker(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("publish", help="publish requests from JSON Lines; prints their ids")
+    _add_kafka(p)
+    p.add_argument("file", nargs="?", default=None, help="JSON Lines file (default: stdin)")
+    p.add_argument("--model", default=None, help="model for lines that name none")
+    p.add_argument("--reply-topic", default=None, help="where results go (default: the results topic)")
+    p.add_argument("--reply-partition", type=int, default=None, help="a fixed partition of the reply topic")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("results", help="follow results as JSON lines")
+    _add_kafka(p)
+    p.add_argument("--topic", default=None, help="topic to follow (default: the results topic)")
+    p.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
+    p.add_argument("--count", type=int, default=None, help="stop after this many results")
+    p.add_argument("--timeout-s", type=float, default=None, help="give up (exit 1) after this long")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("demo", help="run the whole system end to end on an embedded broker")
+    _add_kafka(p)
+    _add_worker(p)
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--requests", type=int, default=2000, help="requests to publish")
+    p.add_argument("--keys", type=int, default=50, help="distinct request keys")
+    p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        return int(args.func(args))
+    except StreamerError as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
