@@ -24,6 +24,6 @@ def dead_letter_headers(item: Item, dl: DeadLetter, worker: str) -> list[tuple[s
 
 async def send_dead_letter(
     producer: AIOKafkaProducer, topic: str, item: Item, dl: DeadLetter, worker: str
-) -> "object":
+) -> object:
     """Enqueue the dead letter; returns the delivery future."""
     return await producer.send(topic, item.value, key=item.key, headers=dead_letter_headers(item, dl, worker))

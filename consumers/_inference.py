@@ -8,6 +8,7 @@ is bisected, so one poison item fails alone and every other item still gets its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,10 +57,8 @@ class BatchRunner:
         self._executor.shutdown(wait=True)
 
     def warm_up(self) -> None:
-        try:
+        with contextlib.suppress(NotImplementedError):
             self.model.run(self.model.example_inputs(2))
-        except NotImplementedError:
-            pass
 
     async def run(self, batch: list[Item]) -> list[Outcome]:
         """One outcome per item, in the batch's order."""

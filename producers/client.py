@@ -10,6 +10,7 @@ written into every request, and workers publish the result there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -123,10 +124,8 @@ class StreamerClient:
         await self._consumer.stop()
         await self._producer.stop()
         if self._private:
-            try:
+            with contextlib.suppress(Exception):
                 await kafka.delete_topics(self.settings, [self.reply_to.topic])
-            except Exception:  # noqa: BLE001 - best effort; the topic's retention is short anyway
-                pass
 
     # -- requests --------------------------------------------------------------------------------------
     async def submit(

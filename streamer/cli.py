@@ -57,7 +57,7 @@ def _overrides(args: argparse.Namespace, cls: type[KafkaSettings]) -> dict[str, 
 
 
 def _settings(args: argparse.Namespace, cls: type[T]) -> T:
-    return load_settings(cls, **_overrides(args, cls))  # type: ignore[type-var,arg-type,return-value]
+    return load_settings(cls, **_overrides(args, cls))  # type: ignore[type-var,arg-type]
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -127,7 +127,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
     from producers import request_headers
-    from schemas import Codec, InferenceRequest, ReplyTo, new_request_id
+    from schemas import Codec, ReplyTo
 
     from . import kafka
 
@@ -145,17 +145,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict) or "inputs" not in obj:
-                        obj = {"inputs": obj}
-                    model = obj.get("model") or args.model
-                    if not model:
-                        raise ValueError("no model: give --model or a 'model' field")
-                    req = InferenceRequest(
-                        id=obj.get("id") or new_request_id(), model=model, inputs=obj["inputs"],
-                        key=obj.get("key"), reply_to=reply, deadline_ms=obj.get("deadline_ms"),
-                        metadata=obj.get("metadata") or {},
-                    )
+                    req = _request_from_json(line, args.model, reply)
                 except (ValueError, TypeError) as exc:
                     print(f"line {lineno}: {exc}", file=sys.stderr)
                     return 2
@@ -173,6 +163,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return 0
 
     return _run(publish())
+
+
+def _request_from_json(line: str, default_model: str | None, reply: Any) -> Any:
+    from schemas import InferenceRequest, new_request_id
+
+    obj = json.loads(line)
+    if not isinstance(obj, dict) or "inputs" not in obj:
+        obj = {"inputs": obj}
+    model = obj.get("model") or default_model
+    if not model:
+        raise ValueError("no model: give --model or a 'model' field")
+    return InferenceRequest(
+        id=obj.get("id") or new_request_id(), model=model, inputs=obj["inputs"],
+        key=obj.get("key"), reply_to=reply, deadline_ms=obj.get("deadline_ms"),
+        metadata=obj.get("metadata") or {},
+    )
 
 
 def cmd_results(args: argparse.Namespace) -> int:

@@ -102,8 +102,7 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
         kafka.TopicSpec(ws.results_topic, args.partitions),
         kafka.TopicSpec(ws.dead_letter_topic, 1),
     ])
-    for i in range(args.workers):
-        workers.append(WorkerProcess(env, workdir / f"worker-{i}.log"))
+    workers.extend(WorkerProcess(env, workdir / f"worker-{i}.log") for i in range(args.workers))
     console.print(f"started {args.workers} workers serving {ws.model}; waiting for the group to settle")
     model = load_model(ws.model, "cpu")
     inputs = model.example_inputs(args.requests, seed=7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,10 +88,8 @@ async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> 
         new = [
             NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=dict(s.config)) for s in missing
         ]
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won the race
             await admin.create_topics(new)
-        except TopicAlreadyExistsError:
-            pass  # a concurrent creator won the race; that is fine
         await _wait_listed(admin, [s.name for s in missing])
         return [s.name for s in missing]
     finally:

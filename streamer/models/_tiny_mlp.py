@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import BadInput
-from ._base import Model
 from ..paths import cache_dir
+from ._base import Model
 
 __all__ = ["TinyMLP", "tiny_mlp_weights"]
 
