@@ -1,0 +1,73 @@
+"""Fixtures and helpers that start real worker processes and read topics back."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord
+
+from streamer import kafka
+from streamer.config import KafkaSettings, WorkerSettings
+from streamer.demo import WorkerProcess
+
+
+def settings_env(settings: KafkaSettings, **extra: Any) -> dict[str, str]:
+    """The STREAMER_* environment a user would export for these settings."""
+    env = {f"STREAMER_{k.upper()}": str(v) for k, v in settings.model_dump(exclude_none=True).items()
+           if k in WorkerSettings.model_fields and k != "sasl_password"}
+    if settings.sasl_password is not None:
+        env["STREAMER_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
+    env.update({f"STREAMER_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+class Processes:
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.started: list[WorkerProcess] = []
+
+    def worker(self, settings: KafkaSettings, *args: str, **extra: Any) -> WorkerProcess:
+        log = self.logdir / f"worker-{len(self.started)}.log"
+        proc = WorkerProcess(settings_env(settings, **extra), log, *args)
+        self.started.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.log_path.read_text(errors="replace") for p in self.started if p.log_path.exists())
+
+    def stop_all(self) -> None:
+        for p in self.started:
+            if p.proc.poll() is None:
+                p.signal(signal.SIGKILL)
+            p.stop(timeout_s=10)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+async def read_topic(settings: KafkaSettings, topic: str, count: int, timeout_s: float = 60) -> list[ConsumerRecord]:
+    """Read ``count`` records of ``topic`` from the beginning (fails on timeout)."""
+    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(records) < count:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    records.extend(batch)
+    except TimeoutError:
+        raise AssertionError(f"{topic}: got {len(records)} records, expected {count}") from None
+    finally:
+        await consumer.stop()
+    return records
