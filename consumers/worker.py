@@ -57,7 +57,8 @@ class Worker:
         self.model = model or load_model(settings.model, settings.device)
         self.policy = BatchPolicy(settings.max_batch_size, settings.max_wait_ms)
         self.max_buffered = settings.max_buffered or 4 * settings.max_batch_size
-        self.codec = Codec(limits)
+        self.codec = Codec(limits or Limits(max_message_bytes=settings.max_message_bytes,
+                                            max_tensor_elements=settings.max_tensor_elements))
         self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic)
         self._queue: BatchQueue[Item] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
