@@ -50,6 +50,7 @@ DTYPES: Final[dict[int, np.dtype[Any]]] = {
 _CODES: Final = {dt: code for code, dt in DTYPES.items()}
 _MAX_NDIM: Final = 8
 _FIXED = struct.Struct("<BB6x")
+_ALWAYS: Final = frozenset({"inputs", "outputs"})
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -109,8 +110,6 @@ def _default(obj: Any) -> Any:
         return _encode_tensor(obj)
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(exclude_none=True)
     torch_tensor = getattr(obj, "numpy", None)
     if torch_tensor is not None and type(obj).__module__.startswith("torch"):
         return _encode_tensor(obj.detach().cpu().numpy())
@@ -189,7 +188,11 @@ class Codec:
 
     # -- typed messages ------------------------------------------------------------------------------
     def encode(self, message: BaseModel) -> bytes:
-        return self.pack(message.model_dump(exclude_none=True))
+        # Optional fields that are unset are left out; ``inputs``/``outputs`` are kept even when nil.
+        data = message.model_dump()
+        for name in [k for k, v in data.items() if v is None and k not in _ALWAYS]:
+            del data[name]
+        return self.pack(data)
 
     def encode_request(self, request: InferenceRequest) -> bytes:
         return self.encode(request)

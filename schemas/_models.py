@@ -46,7 +46,8 @@ def new_request_id() -> str:
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # Unknown fields are ignored, so a newer writer can add optional fields within one schema version.
+    model_config = ConfigDict(extra="ignore", frozen=True, arbitrary_types_allowed=True)
 
 
 class ReplyTo(_Wire):

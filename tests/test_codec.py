@@ -1,0 +1,170 @@
+"""The wire codec: round trips (hypothesis), zero-copy tensors, limits and hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from schemas import (
+    DTYPES,
+    Codec,
+    DecodeError,
+    InferenceRequest,
+    InferenceResult,
+    LimitExceeded,
+    Limits,
+    ReplyTo,
+    RoutingHeaders,
+    SchemaError,
+)
+
+codec = Codec()
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+arrays = st.sampled_from(list(DTYPES.values())).flatmap(
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+)
+
+
+def _same(a: Any, b: Any) -> None:
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    else:
+        assert a == b
+
+
+@settings(max_examples=200, deadline=None)
+@given(inputs=json_like | arrays, key=st.none() | st.text(max_size=30))
+def test_request_round_trip(inputs: Any, key: str | None) -> None:
+    req = InferenceRequest(id="r1", model="m", inputs=inputs, key=key, reply_to=ReplyTo(topic="t", partition=2),
+                           deadline_ms=5, metadata={"a": 1, "b": "x"})
+    back = codec.decode_request(codec.encode_request(req))
+    assert back.model_dump(exclude={"inputs"}) == req.model_dump(exclude={"inputs"})
+    _same(inputs, back.inputs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(outputs=st.lists(arrays, max_size=3))
+def test_result_round_trip(outputs: list[Any]) -> None:
+    res = InferenceResult(id="r", model="m", status="ok", outputs=outputs)
+    _same(outputs, codec.decode_result(codec.encode_result(res)).outputs)
+
+
+def test_tensor_is_a_zero_copy_view() -> None:
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data = codec.pack({"x": arr})
+    out = codec.unpack(data)["x"]
+    assert out.base is not None and not out.flags.owndata and not out.flags.writeable
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_tensor_layout_matches_wire_md() -> None:
+    """The byte layout WIRE.md documents, written by hand."""
+    arr = np.array([[1, 2, 3]], dtype=np.int32)
+    ext = msgpack.unpackb(codec.pack(arr), ext_hook=lambda code, data: (code, data))
+    code, data = ext
+    assert code == 1
+    assert data == struct.pack("<BB6xQQ", 7, 2, 1, 3) + struct.pack("<3i", 1, 2, 3)
+
+
+def test_big_endian_and_non_contiguous_arrays_are_normalised() -> None:
+    arr = np.arange(6, dtype=">f8").reshape(2, 3).T
+    out = codec.unpack(codec.pack(arr))
+    assert out.dtype == np.dtype("<f8")
+    np.testing.assert_array_equal(out, arr)
+
+
+@pytest.mark.parametrize("bad", [np.array(["a"]), np.array([1 + 2j]), np.zeros((1,) * 9, np.float32)])
+def test_unsupported_tensors_are_refused_on_encode(bad: np.ndarray[Any, Any]) -> None:
+    with pytest.raises(TypeError):
+        codec.pack(bad)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        (b"\x91" * 10_000 + b"\x90", LimitExceeded, "nesting"),
+        (b"\xdd\x3b\x9a\xca\x00", DecodeError, "max_array_len"),
+        (b"\xc6\x3b\x9a\xca\x00", DecodeError, "invalid msgpack"),
+        (b"\xa2\xff\xfe", DecodeError, "UTF-8"),
+        (b"\x81\x01\x02", DecodeError, "map key"),
+        (b"\xc1", DecodeError, "msgpack"),
+        (b"\x01\x02", DecodeError, "single"),
+        (b"", DecodeError, "msgpack"),
+        (b"\xd4\x07\x00", DecodeError, "ext type 7"),
+        (msgpack.packb(msgpack.ExtType(1, struct.pack("<BB6x", 99, 0))), DecodeError, "dtype code 99"),
+        (msgpack.packb(msgpack.ExtType(1, struct.pack("<BB6xQ", 11, 1, 10**12))), LimitExceeded, "elements"),
+        (msgpack.packb(msgpack.ExtType(1, struct.pack("<BB6xQ", 11, 1, 4) + b"\x00" * 3)), DecodeError, "needs 16"),
+        (msgpack.packb(msgpack.ExtType(1, b"\x0b")), DecodeError, "truncated"),
+    ],
+)
+def test_hostile_bytes_raise_clear_errors(data: bytes, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        codec.unpack(data)
+
+
+def test_message_size_limit() -> None:
+    small = Codec(Limits(max_message_bytes=1024))
+    with pytest.raises(LimitExceeded, match="1024-byte limit"):
+        small.unpack(b"\xc4\xff" + bytes(2000))
+    with pytest.raises(LimitExceeded):
+        small.pack({"x": bytes(2000)})
+
+
+def test_depth_limit_is_configurable() -> None:
+    nested: Any = [1]
+    for _ in range(9):
+        nested = [nested]
+    assert Codec(Limits(max_depth=10)).unpack(msgpack.packb(nested)) == nested
+    with pytest.raises(LimitExceeded, match="deeper than 9"):
+        Codec(Limits(max_depth=9)).unpack(msgpack.packb(nested))
+
+
+def test_schema_errors_keep_what_can_route_a_reply() -> None:
+    data = msgpack.packb({"id": "abc", "reply_to": {"topic": "r", "partition": 1}, "inputs": 1})
+    with pytest.raises(SchemaError, match="model") as info:
+        codec.decode_request(data)
+    assert info.value.request_id == "abc"
+    assert info.value.reply_to == ReplyTo(topic="r", partition=1)
+    with pytest.raises(SchemaError, match="must be a msgpack map"):
+        codec.decode_request(msgpack.packb([1, 2]))
+    # Unknown fields are ignored (forward compatibility within one schema version).
+    assert codec.decode_request(msgpack.packb({"id": "a", "model": "m", "inputs": 1, "surprise": 1})).id == "a"
+    with pytest.raises(SchemaError, match="id: String should have at least 1 character"):
+        codec.decode_request(msgpack.packb({"id": "", "model": "m", "inputs": 1}))
+
+
+def test_routing_headers() -> None:
+    r = RoutingHeaders.parse([("streamer-request-id", b"x"), ("streamer-reply-topic", b"t"),
+                              ("streamer-reply-partition", b"3")])
+    assert r.request_id == "x" and r.reply_to == ReplyTo(topic="t", partition=3)
+    assert RoutingHeaders.parse([("streamer-reply-partition", b"nope"), ("streamer-reply-topic", b"t")]) == \
+        RoutingHeaders(None, None)
+    assert RoutingHeaders.parse(None) == RoutingHeaders(None, None)
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_depth"):
+        Limits(max_depth=0)
