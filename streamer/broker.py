@@ -7,7 +7,8 @@ is a controlled shutdown. See README.md, "The local broker".
 
 from __future__ import annotations
 
-import os
+import base64
+import json
 import shutil
 import signal
 import socket
@@ -105,14 +106,25 @@ class LocalKafka:
         version: str = KAFKA_VERSION,
         extra_properties: dict[str, str] | None = None,
     ) -> None:
-        self.port = port or free_port()
-        self.controller_port = controller_port or free_port()
         self._keep = data_dir is not None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamer-kafka-"))
+        # A formatted node keeps its controller endpoint (it is in the voter set), so a restart on
+        # the same data directory reuses the ports it was first given unless told otherwise.
+        saved = self._saved_ports()
+        self.port = port or saved.get("port") or free_port()
+        self.controller_port = controller_port or saved.get("controller_port") or free_port()
         self.heap_mb = heap_mb
         self.version = version
         self.extra = extra_properties or {}
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    def _saved_ports(self) -> dict[str, int]:
+        path = self.data_dir / "ports.json"
+        if not path.exists():
+            return {}
+        saved: dict[str, int] = json.loads(path.read_text())
+        return saved
 
     @property
     def bootstrap_servers(self) -> str:
@@ -156,6 +168,9 @@ class LocalKafka:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "server.properties"
         conf.write_text(self._properties())
+        (self.data_dir / "ports.json").write_text(
+            json.dumps({"port": self.port, "controller_port": self.controller_port})
+        )
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_file, level="WARN"))
         classpath = f"{libs}/*"
@@ -173,6 +188,7 @@ class LocalKafka:
             "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.data_dir}",
             f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(conf),
         ]
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         out = (self.data_dir / "broker.out").open("ab")
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
@@ -190,10 +206,17 @@ class LocalKafka:
             if self._proc.poll() is not None:
                 tail = (self.data_dir / "broker.out").read_text(errors="replace")[-3000:]
                 raise BrokerError(f"the Kafka broker exited with code {self._proc.returncode}:\n{tail}")
-            if self.log_file.exists() and "Kafka Server started" in self.log_file.read_text(errors="replace"):
+            if self._started_logged():
                 return
             time.sleep(0.2)
         raise BrokerError(f"the Kafka broker did not start within {timeout_s:g} s (log: {self.log_file})")
+
+    def _started_logged(self) -> bool:
+        if not self.log_file.exists():
+            return False
+        with self.log_file.open("rb") as f:
+            f.seek(self._log_offset)  # this run's lines only: the log is kept across restarts
+            return b"Kafka Server started" in f.read()
 
     @property
     def running(self) -> bool:
@@ -230,8 +253,4 @@ class LocalKafka:
         self.stop()
 
 def _cluster_id() -> str:
-    import base64
-
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-
-os.environ.setdefault("KAFKA_HEAP_OPTS", "")  # never let an inherited setting override our heap

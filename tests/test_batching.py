@@ -1,0 +1,61 @@
+"""The batching policy: size-closed and time-closed batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streamer.batching import BatchPolicy, BatchQueue
+
+
+async def test_a_full_batch_closes_at_once() -> None:
+    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=60_000))
+    for i in range(10):
+        q.put(i)
+    assert await q.next_batch() == [0, 1, 2, 3]
+    assert await q.next_batch() == [4, 5, 6, 7]
+    assert len(q) == 2
+
+
+async def test_a_partial_batch_closes_after_max_wait() -> None:
+    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=100, max_wait_ms=20))
+    q.put(1)
+    task = asyncio.create_task(q.next_batch())
+    await asyncio.sleep(0)
+    q.put(2)
+    assert await asyncio.wait_for(task, 5) == [1, 2]
+
+
+async def test_items_arriving_during_the_wait_join_the_batch() -> None:
+    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=3, max_wait_ms=60_000))
+    task = asyncio.create_task(q.next_batch())
+    for i in range(3):
+        await asyncio.sleep(0.01)
+        q.put(i)
+    assert await asyncio.wait_for(task, 5) == [0, 1, 2]
+
+
+async def test_zero_wait_takes_what_is_there() -> None:
+    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=0))
+    q.put(1)
+    q.put(2)
+    assert await q.next_batch() == [1, 2]
+
+
+async def test_close_wakes_the_waiter_and_drop_filters() -> None:
+    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=60_000))
+    for i in range(6):
+        q.put(i)
+    assert q.drop(lambda i: i % 2 == 0) == 3
+    task = asyncio.create_task(q.next_batch())
+    await asyncio.sleep(0.01)
+    q.close()
+    assert await asyncio.wait_for(task, 5) == [0, 2, 4]
+    assert await q.next_batch() == []
+
+
+@pytest.mark.parametrize(("size", "wait"), [(0, 1), (1, -1)])
+def test_policy_is_validated(size: int, wait: float) -> None:
+    with pytest.raises(ValueError, match="max_"):
+        BatchPolicy(size, wait)

@@ -1,0 +1,94 @@
+"""The CLI as a user runs it: broker, topics create, publish, results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamer import WorkerSettings, kafka
+
+from .helpers import Processes, settings_env
+
+pytestmark = [pytest.mark.kafka]
+
+needs_java = pytest.mark.skipif(not shutil.which("java"), reason="needs Java for the Apache Kafka broker")
+
+
+def _streamer(*args: str, env: dict[str, str], stdin: str | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamer", *args], input=stdin, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout, check=False)
+
+
+async def test_topics_create_publish_and_results(worker_settings: WorkerSettings, processes: Processes) -> None:
+    ws = worker_settings
+    env = settings_env(ws)
+    out = await asyncio.to_thread(_streamer, "topics", "create", "--partitions", "3", env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"{ws.request_topic}\t3\tcreated" in out.stdout
+    again = await asyncio.to_thread(_streamer, "topics", "create", env=env)
+    assert f"{ws.request_topic}\t-\texists" in again.stdout
+
+    lines = [json.dumps({"inputs": [float(i)] * 16, "key": f"k{i}", "id": f"cli-{i}"}) for i in range(5)]
+    lines.append(json.dumps([0.5] * 16))  # bare inputs
+    pub = await asyncio.to_thread(_streamer, "publish", "--model", "tiny-mlp", env=env, stdin="\n".join(lines))
+    assert pub.returncode == 0, pub.stderr
+    ids = pub.stdout.split()
+    assert ids[:5] == [f"cli-{i}" for i in range(5)] and len(ids) == 6
+    assert "published 6 requests" in pub.stderr
+
+    processes.worker(ws)
+    res = await asyncio.to_thread(_streamer, "results", "--from-beginning", "--count", "6", "--timeout-s", "90",
+                                  env=env)
+    assert res.returncode == 0, res.stderr
+    results = [json.loads(line) for line in res.stdout.splitlines()]
+    assert sorted(r["id"] for r in results) == sorted(ids)
+    assert all(r["status"] == "ok" and len(r["outputs"]) == 8 for r in results)
+
+    bad = await asyncio.to_thread(_streamer, "publish", env=env, stdin='{"inputs": [1]}\n')
+    assert bad.returncode == 2 and "no model" in bad.stderr
+
+
+@needs_java
+def test_broker_command_prints_address_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    data = tmp_path / "kafka-data"
+    for round_ in range(2):  # the second start reuses the data directory
+        proc = subprocess.Popen([sys.executable, "-m", "streamer", "broker", "--data-dir", str(data)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "bootstrap servers: 127.0.0.1:" in line, proc.stderr.read() if proc.stderr else ""
+            bootstrap = line.rsplit(" ", 1)[1].strip()
+            settings = WorkerSettings(bootstrap_servers=bootstrap)
+            if round_ == 0:
+                asyncio.run(kafka.ensure_topics(settings, [kafka.TopicSpec("kept-across-restarts", 2)]))
+            else:
+                created = asyncio.run(kafka.ensure_topics(settings, [kafka.TopicSpec("kept-across-restarts", 2)]))
+                assert created == [], "--data-dir should keep topics across restarts"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+    assert (data / "log" / "meta.properties").exists()
+
+
+def test_broker_without_java_says_what_to_install(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path), "STREAMER_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "streamer", "broker"], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=60, check=False)
+    assert out.returncode == 2
+    assert "java was not found" in out.stderr and "install" in out.stderr

