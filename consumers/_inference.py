@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas import (
+    SCHEMA_VERSION,
     Codec,
+    DecodeError,
     ErrorInfo,
     InferenceResult,
     ReplyTo,
@@ -30,6 +32,8 @@ from streamer.models import Model
 from ._items import DeadLetter, Item, Outcome
 
 __all__ = ["BatchRunner", "RunStats"]
+
+_SCHEMA = str(SCHEMA_VERSION).encode()
 
 
 @dataclass(slots=True)
@@ -98,6 +102,10 @@ class BatchRunner:
     def _check(self, item: Item) -> Outcome:
         outcome = Outcome(item)
         try:
+            version = dict(item.headers).get("streamer-schema", _SCHEMA)
+            if version != _SCHEMA:
+                raise DecodeError(f"unsupported schema version {version.decode(errors='replace')!r}; "
+                                  f"this worker reads {SCHEMA_VERSION}")
             req = self.codec.decode_request(item.value)
         except WireError as exc:
             routing = RoutingHeaders.parse(item.headers)

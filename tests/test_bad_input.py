@@ -43,7 +43,10 @@ async def test_each_bad_input_gets_an_error_result_and_a_dead_letter(
     def headers(rid: str | None) -> list[tuple[str, bytes]]:
         if rid is None:
             return []
-        return request_headers(InferenceRequest(id=rid, model="tiny-mlp", inputs=None, reply_to=reply))
+        h = request_headers(InferenceRequest(id=rid, model="tiny-mlp", inputs=None, reply_to=reply))
+        if rid == "future-schema":
+            h = [("streamer-schema", b"2") if k == "streamer-schema" else (k, v) for k, v in h]
+        return h
 
     def good_req(i: int) -> tuple[str | None, bytes]:
         rid = f"good-{i}"
@@ -69,6 +72,7 @@ async def test_each_bad_input_gets_an_error_result_and_a_dead_letter(
         ("wrong-shape", _raw_request("wrong-shape", reply, inputs=[1.0] * 3), "bad_input"),
         ("nan", _raw_request("nan", reply, inputs=[float("nan")] + [0.0] * 15), "bad_input"),
         (*good_req(2), None),
+        ("future-schema", good_req(3)[1], "decode_error"),
     ]
     producer = kafka.producer(ws)
     await producer.start()
@@ -107,5 +111,5 @@ async def test_each_bad_input_gets_an_error_result_and_a_dead_letter(
 
     # The worker keeps going.
     async with StreamerClient(client_settings) as client:
-        ok = await client.infer(good[3], model="tiny-mlp", timeout_s=60)
+        ok = await client.infer(good[4], model="tiny-mlp", timeout_s=60)
     assert ok.status == "ok"
