@@ -29,7 +29,7 @@ demo: jars
 	$(VENV)/bin/streamer demo --workers 2 --requests 2000
 
 lint: install
-	$(VENV)/bin/ruff check streamer producers consumers schemas tests bench
+	$(VENV)/bin/ruff check streamer producers consumers schemas tests bench examples
 	$(VENV)/bin/mypy
 
 test: lint jars

@@ -183,7 +183,7 @@ class BatchRunner:
         self.stats.forward_passes += 1
         try:
             return self.model.run(inputs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any model failure is isolated by bisection
             if len(inputs) == 1:
                 return [exc]
         mid = len(inputs) // 2

@@ -21,7 +21,7 @@ async def test_timeout_raises_and_late_reply_is_dropped(
     created_topics: WorkerSettings, client_settings: ClientSettings
 ) -> None:
     async with StreamerClient(client_settings) as client:
-        with pytest.raises(InferenceTimeout, match="within 0.5 s"):
+        with pytest.raises(InferenceTimeout, match=r"within 0\.5 s"):
             await client.infer([0.0] * 16, model="tiny-mlp", timeout_s=0.5, request_id="late-1")
         assert client.pending == 0
         # A reply that arrives after the caller gave up is dropped, not delivered to anyone.

@@ -1,0 +1,252 @@
+"""Workers serving tiny-mlp against a naive per-message aiokafka loop, on one broker, in one run.
+
+For each variant (A = a streamer worker process, B = bench/naive_loop.py), on fresh topics:
+- saturation: publish N ~200-byte requests as fast as possible, time until the last result;
+- fixed offered load: publish at R requests/s (open loop) and record each request's latency
+  from creation to its result's arrival.
+Variants are interleaved A B A B ... after a warm-up pair; ratios are per pair, and the median
+with its min-max is reported, with CPU seconds per request of the serving process.
+Also measured in the same run: L_model, the bare model at the worker's batch size.
+
+Writes bench/results/worker_vs_naive.json and .svg. Usage:
+    python bench/bench_worker.py [--repeats 5] [--requests 3000] [--rate 200] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from producers import request_headers  # noqa: E402
+from schemas import Codec, InferenceRequest, ReplyTo  # noqa: E402
+from streamer import WorkerSettings, kafka  # noqa: E402
+from streamer.broker import LocalKafka  # noqa: E402
+from streamer.models import load_model  # noqa: E402
+
+BATCH = 32
+WAIT_MS = 5.0
+PARTITIONS = 4
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, Linux {platform.release()}"
+
+
+class Run:
+    """One variant on fresh topics: the serving process, a publisher and a result reader."""
+
+    def __init__(self, variant: str, bootstrap: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.variant = variant
+        self.settings = WorkerSettings(bootstrap_servers=bootstrap, request_topic=f"b-{tag}.req",
+                                       results_topic=f"b-{tag}.res", dead_letter_topic=f"b-{tag}.dlq",
+                                       group_id=f"bg-{tag}", max_batch_size=BATCH, max_wait_ms=WAIT_MS)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.codec = Codec()
+        self.inputs = load_model("tiny-mlp", "cpu").example_inputs(256, seed=1)
+
+    async def start(self) -> None:
+        s = self.settings
+        await kafka.ensure_topics(s, [kafka.TopicSpec(s.request_topic, PARTITIONS),
+                                      kafka.TopicSpec(s.results_topic, PARTITIONS),
+                                      kafka.TopicSpec(s.dead_letter_topic, 1)])
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        if self.variant == "streamer":
+            env.update({f"STREAMER_{k.upper()}": str(v) for k, v in s.model_dump(exclude_none=True).items()})
+            cmd = [sys.executable, "-m", "streamer", "--log-level", "WARNING", "worker"]
+        else:
+            cmd = [sys.executable, str(ROOT / "bench" / "naive_loop.py"), s.bootstrap_servers, s.request_topic,
+                   s.group_id]
+        self.proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.DEVNULL)
+        await kafka.wait_for_group(s, s.group_id, 1, timeout_s=120)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+    def _request(self, i: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+        req = InferenceRequest(id=f"{i:08d}-{uuid.uuid4().hex[:16]}", model="tiny-mlp", inputs=self.inputs[i % 256],
+                               key=f"key-{i % 64}", reply_to=ReplyTo(topic=self.settings.results_topic),
+                               metadata={"pad": "x" * 8})
+        return self.codec.encode_request(req), req.key.encode(), request_headers(req)  # type: ignore[union-attr]
+
+    async def drive(self, n: int, rate: float | None) -> dict[str, Any]:
+        """Publish n requests (at ``rate``/s, or as fast as possible); collect every result."""
+        s = self.settings
+        producer = kafka.producer(s, linger_ms=5)
+        consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest")
+        await producer.start()
+        await consumer.start()
+        sent: dict[str, float] = {}
+        latencies: list[float] = []
+        assert self.proc is not None
+        cpu0 = _cpu_seconds(self.proc.pid)
+        t0 = time.perf_counter()
+
+        async def publish() -> None:
+            for i in range(n):
+                value, key, headers = self._request(i)
+                rid = headers[2][1].decode()
+                if rate:
+                    delay = t0 + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                sent[rid] = time.perf_counter()
+                await producer.send(s.request_topic, value, key=key, headers=headers)
+            await producer.flush()
+
+        pub = asyncio.create_task(publish())
+        try:
+            async with asyncio.timeout(600):
+                while len(latencies) < n:
+                    for records in (await consumer.getmany(timeout_ms=100)).values():
+                        now = time.perf_counter()
+                        for r in records:
+                            rid = dict(r.headers).get("streamer-request-id")
+                            rid = rid.decode() if rid else self.codec.decode_result(r.value).id
+                            if rid in sent:
+                                latencies.append((now - sent.pop(rid)) * 1000)
+            await pub
+        finally:
+            elapsed = time.perf_counter() - t0
+            cpu = _cpu_seconds(self.proc.pid) - cpu0
+            await producer.stop()
+            await consumer.stop()
+        return {"requests": n, "seconds": elapsed, "throughput": n / elapsed, "cpu_s_per_request": cpu / n,
+                "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+
+
+async def one(variant: str, bootstrap: str, n: int, rate: float | None) -> dict[str, Any]:
+    run = Run(variant, bootstrap)
+    await run.start()
+    try:
+        return await run.drive(n, rate)
+    finally:
+        await run.stop()
+
+
+def bare_model() -> float:
+    m = load_model("tiny-mlp", "cpu")
+    xs = m.example_inputs(BATCH)
+    for _ in range(50):
+        m.run(xs)
+    t = time.perf_counter()
+    reps = 500
+    for _ in range(reps):
+        m.run(xs)
+    return reps * BATCH / (time.perf_counter() - t)
+
+
+def _summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    ratios = [a / b for a, b in pairs]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def _svg(path: Path, rows: list[tuple[str, float, float]]) -> None:
+    """A small bar chart: throughput of each variant, per mode (no plotting dependency)."""
+    width, bar_h, gap = 640, 22, 14
+    top = max(v for _, a, b in rows for v in (a, b)) or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + len(rows) * (2 * bar_h + gap)}"'
+             ' font-family="sans-serif" font-size="12">', '<text x="10" y="20">requests/s, median of repeats</text>']
+    y = 35
+    for label, a, b in rows:
+        for name, v, colour in (("streamer", a, "#2b7bb9"), ("naive", b, "#c0504d")):
+            w = (width - 260) * v / top
+            parts += [f'<text x="10" y="{y + 15}">{label} / {name}</text>',
+                      f'<rect x="200" y="{y}" width="{w:.0f}" height="{bar_h - 4}" fill="{colour}"/>',
+                      f'<text x="{205 + w:.0f}" y="{y + 15}">{v:,.0f}</text>']
+            y += bar_h
+        y += gap
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=3000, help="requests per saturation run")
+    ap.add_argument("--rate", type=float, default=200.0, help="offered load, requests/s")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each fixed-load run")
+    ap.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
+    args = ap.parse_args()
+
+    broker = None if args.bootstrap else LocalKafka().start()
+    bootstrap = args.bootstrap or broker.bootstrap_servers  # type: ignore[union-attr]
+    out: dict[str, Any] = {"machine": machine(), "batch": BATCH, "max_wait_ms": WAIT_MS, "partitions": PARTITIONS,
+                           "L_model_items_per_s": bare_model(), "saturation": [], "fixed_load": []}
+    try:
+        msg = len(Run("streamer", bootstrap)._request(0)[0])
+        out["request_bytes"] = msg
+        print(f"request size {msg} bytes; L_model {out['L_model_items_per_s']:,.0f} items/s", flush=True)
+        for variant in ("streamer", "naive"):  # warm-up pair
+            await one(variant, bootstrap, 300, None)
+        for i in range(args.repeats):
+            pair = {v: await one(v, bootstrap, args.requests, None) for v in ("streamer", "naive")}
+            out["saturation"].append(pair)
+            print(f"saturation {i}: " + ", ".join(f"{v} {r['throughput']:,.0f}/s" for v, r in pair.items()),
+                  flush=True)
+        n_fixed = int(args.rate * args.seconds)
+        for i in range(args.repeats):
+            pair = {v: await one(v, bootstrap, n_fixed, args.rate) for v in ("streamer", "naive")}
+            out["fixed_load"].append(pair)
+            print(f"fixed {args.rate:g}/s {i}: " + ", ".join(
+                f"{v} p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms" for v, r in pair.items()), flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+    sat = out["saturation"]
+    fixed = out["fixed_load"]
+    out["summary"] = {
+        "throughput_ratio": _summary([(p["streamer"]["throughput"], p["naive"]["throughput"]) for p in sat]),
+        "cpu_per_request_ratio": _summary([(p["streamer"]["cpu_s_per_request"], p["naive"]["cpu_s_per_request"])
+                                           for p in sat]),
+        "fixed_p50_ratio": _summary([(p["streamer"]["p50_ms"], p["naive"]["p50_ms"]) for p in fixed]),
+        "fixed_p99_ratio": _summary([(p["streamer"]["p99_ms"], p["naive"]["p99_ms"]) for p in fixed]),
+        "efficiency_vs_L_model": statistics.median(p["streamer"]["throughput"] for p in sat)
+        / out["L_model_items_per_s"],
+    }
+    for variant in ("streamer", "naive"):
+        for mode, runs in (("saturation", sat), ("fixed_load", fixed)):
+            for field in ("throughput", "p50_ms", "p99_ms", "cpu_s_per_request"):
+                out["summary"][f"{mode}.{variant}.{field}"] = statistics.median(p[variant][field] for p in runs)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "worker_vs_naive.json").write_text(json.dumps(out, indent=2))
+    s = out["summary"]
+    _svg(results / "worker_vs_naive.svg", [
+        ("saturation", s["saturation.streamer.throughput"], s["saturation.naive.throughput"]),
+        (f"fixed {args.rate:g}/s", s["fixed_load.streamer.throughput"], s["fixed_load.naive.throughput"]),
+    ])
+    print(json.dumps(out["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
