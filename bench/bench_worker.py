@@ -100,7 +100,7 @@ class Run:
     async def drive(self, n: int, rate: float | None) -> dict[str, Any]:
         """Publish n requests (at ``rate``/s, or as fast as possible); collect every result."""
         s = self.settings
-        producer = kafka.producer(s, linger_ms=5)
+        producer = kafka.producer(s, linger_ms=1)
         consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest")
         await producer.start()
         await consumer.start()

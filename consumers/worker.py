@@ -67,6 +67,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()  # set while no batch is being processed
         self._idle.set()
+        self._room = asyncio.Event()  # set when the process loop takes a batch off the queue
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
         self._consumer = kafka.consumer(
@@ -168,8 +169,14 @@ class Worker:
     async def _fetch_loop(self) -> None:
         consumer = self._consumer
         while not self._stopping.is_set():
-            self._apply_backpressure()
-            batches = await consumer.getmany(timeout_ms=100, max_records=self.policy.max_batch_size)
+            room = self.max_buffered - len(self._queue)
+            if room <= 0:
+                await self._wait_for_room()
+                continue
+            if self._paused:
+                consumer.resume(*consumer.paused())
+                self._paused = False
+            batches = await consumer.getmany(timeout_ms=100, max_records=room)
             if self._stopping.is_set():
                 break  # not started: these records go to whoever reads the partition next
             now = time.monotonic()
@@ -181,18 +188,28 @@ class Worker:
                 for r in records:
                     self._queue.put(Item(tp, r.offset, r.key, r.value or b"", list(r.headers or ()), now, epoch))
 
-    def _apply_backpressure(self) -> None:
-        full = len(self._queue) >= self.max_buffered
-        if full and not self._paused:
-            self._consumer.pause(*self._consumer.assignment())
-            self._paused = True
-        elif not full and self._paused:
-            self._consumer.resume(*self._consumer.paused())
-            self._paused = False
+    async def _wait_for_room(self) -> None:
+        """Backpressure: stop fetching while the queue is full.
+
+        Not fetching is enough: the consumer holds at most one fetch response per partition.
+        Pausing would drop that prefetched data, so partitions are paused only when the queue
+        stays full for a third of ``max_poll_interval_ms``; then an empty poll keeps this member
+        alive in the group while the model catches up.
+        """
+        self._room.clear()
+        patience = self.settings.max_poll_interval_ms / 3000
+        try:
+            await asyncio.wait_for(self._room.wait(), patience)
+        except TimeoutError:
+            if not self._paused:
+                self._consumer.pause(*self._consumer.assignment())
+                self._paused = True
+            await self._consumer.getmany(timeout_ms=0)  # paused: returns nothing, resets the poll timer
 
     async def _process_loop(self) -> None:
         while True:
             batch = await self._queue.next_batch()
+            self._room.set()
             if self._stopping.is_set():
                 return  # not started: these records are redelivered to the partition's next reader
             if not batch:
