@@ -4,8 +4,10 @@ For each variant (A = a streamer worker process, B = bench/naive_loop.py), on fr
 - saturation: publish N ~200-byte requests as fast as possible, time until the last result;
 - fixed offered load: publish at R requests/s (open loop) and record each request's latency
   from creation to its result's arrival.
-Variants are interleaved A B A B ... after a warm-up pair; ratios are per pair, and the median
-with its min-max is reported, with CPU seconds per request of the serving process.
+At fixed load a third variant, the worker with max_wait_ms=0, shows the latency cost of
+the batching wait apart from the framework's. Variants are interleaved A B A B ... after a
+warm-up pair; ratios are per pair, and the median with its min-max is reported, with CPU
+seconds per request of the serving process.
 Also measured in the same run: L_model, the bare model at the worker's batch size.
 
 Writes bench/results/worker_vs_naive.json and .svg. Usage:
@@ -61,7 +63,8 @@ class Run:
         self.variant = variant
         self.settings = WorkerSettings(bootstrap_servers=bootstrap, request_topic=f"b-{tag}.req",
                                        results_topic=f"b-{tag}.res", dead_letter_topic=f"b-{tag}.dlq",
-                                       group_id=f"bg-{tag}", max_batch_size=BATCH, max_wait_ms=WAIT_MS)
+                                       group_id=f"bg-{tag}", max_batch_size=BATCH,
+                                       max_wait_ms=0.0 if variant == "streamer-nowait" else WAIT_MS)
         self.proc: asyncio.subprocess.Process | None = None
         self.codec = Codec()
         self.inputs = load_model("tiny-mlp", "cpu").example_inputs(256, seed=1)
@@ -72,7 +75,7 @@ class Run:
                                       kafka.TopicSpec(s.results_topic, PARTITIONS),
                                       kafka.TopicSpec(s.dead_letter_topic, 1)])
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        if self.variant == "streamer":
+        if self.variant.startswith("streamer"):
             env.update({f"STREAMER_{k.upper()}": str(v) for k, v in s.model_dump(exclude_none=True).items()})
             cmd = [sys.executable, "-m", "streamer", "--log-level", "WARNING", "worker"]
         else:
@@ -169,23 +172,27 @@ def _summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
-def _svg(path: Path, rows: list[tuple[str, float, float]]) -> None:
-    """A small bar chart: throughput of each variant, per mode (no plotting dependency)."""
-    width, bar_h, gap = 640, 22, 14
-    top = max(v for _, a, b in rows for v in (a, b)) or 1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + len(rows) * (2 * bar_h + gap)}"'
-             ' font-family="sans-serif" font-size="12">', '<text x="10" y="20">requests/s, median of repeats</text>']
-    y = 35
-    for label, a, b in rows:
-        for name, v, colour in (("streamer", a, "#2b7bb9"), ("naive", b, "#c0504d")):
-            w = (width - 260) * v / top
-            parts += [f'<text x="10" y="{y + 15}">{label} / {name}</text>',
-                      f'<rect x="200" y="{y}" width="{w:.0f}" height="{bar_h - 4}" fill="{colour}"/>',
-                      f'<text x="{205 + w:.0f}" y="{y + 15}">{v:,.0f}</text>']
+def _svg(path: Path, panels: list[tuple[str, list[tuple[str, float]]]]) -> None:
+    """Bar charts, one panel per (title, [(label, value)]); no plotting dependency."""
+    width, bar_h = 640, 20
+    colours = {"streamer": "#2b7bb9", "streamer-nowait": "#7fb3d5", "naive": "#c0504d"}
+    parts: list[str] = []
+    y = 10
+    for title, bars in panels:
+        top = max(v for _, v in bars) or 1
+        parts.append(f'<text x="10" y="{y + 14}" font-weight="bold">{title}</text>')
+        y += 22
+        for label, v in bars:
+            w = (width - 300) * v / top
+            colour = colours.get(label.split(" ")[0], "#888")
+            parts += [f'<text x="10" y="{y + 14}">{label}</text>',
+                      f'<rect x="220" y="{y}" width="{w:.0f}" height="{bar_h - 4}" fill="{colour}"/>',
+                      f'<text x="{225 + w:.0f}" y="{y + 14}">{v:,.1f}</text>']
             y += bar_h
-        y += gap
-    parts.append("</svg>")
-    path.write_text("\n".join(parts))
+        y += 12
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" '
+            'font-family="sans-serif" font-size="12">')
+    path.write_text("\n".join([head, *parts, "</svg>"]))
 
 
 async def main() -> None:
@@ -214,7 +221,7 @@ async def main() -> None:
                   flush=True)
         n_fixed = int(args.rate * args.seconds)
         for i in range(args.repeats):
-            pair = {v: await one(v, bootstrap, n_fixed, args.rate) for v in ("streamer", "naive")}
+            pair = {v: await one(v, bootstrap, n_fixed, args.rate) for v in ("streamer", "streamer-nowait", "naive")}
             out["fixed_load"].append(pair)
             print(f"fixed {args.rate:g}/s {i}: " + ", ".join(
                 f"{v} p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms" for v, r in pair.items()), flush=True)
@@ -230,22 +237,31 @@ async def main() -> None:
                                            for p in sat]),
         "fixed_p50_ratio": _summary([(p["streamer"]["p50_ms"], p["naive"]["p50_ms"]) for p in fixed]),
         "fixed_p99_ratio": _summary([(p["streamer"]["p99_ms"], p["naive"]["p99_ms"]) for p in fixed]),
+        "fixed_nowait_p50_ratio": _summary([(p["streamer-nowait"]["p50_ms"], p["naive"]["p50_ms"]) for p in fixed]),
         "efficiency_vs_L_model": statistics.median(p["streamer"]["throughput"] for p in sat)
         / out["L_model_items_per_s"],
     }
-    for variant in ("streamer", "naive"):
+    for variant in ("streamer", "streamer-nowait", "naive"):
         for mode, runs in (("saturation", sat), ("fixed_load", fixed)):
+            if variant not in runs[0]:
+                continue
             for field in ("throughput", "p50_ms", "p99_ms", "cpu_s_per_request"):
                 out["summary"][f"{mode}.{variant}.{field}"] = statistics.median(p[variant][field] for p in runs)
+    write(out, args.rate)
+    print(json.dumps(out["summary"], indent=2))
+
+
+def write(out: dict[str, Any], rate: float) -> None:
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "worker_vs_naive.json").write_text(json.dumps(out, indent=2))
     s = out["summary"]
     _svg(results / "worker_vs_naive.svg", [
-        ("saturation", s["saturation.streamer.throughput"], s["saturation.naive.throughput"]),
-        (f"fixed {args.rate:g}/s", s["fixed_load.streamer.throughput"], s["fixed_load.naive.throughput"]),
+        ("saturation: requests/s (median)", [(v, s[f"saturation.{v}.throughput"]) for v in ("streamer", "naive")]),
+        (f"offered {rate:g}/s: latency ms (median of runs)",
+         [(f"{v} {q}", s[f"fixed_load.{v}.{q}_ms"]) for v in ("streamer", "streamer-nowait", "naive")
+          for q in ("p50", "p99")]),
     ])
-    print(json.dumps(out["summary"], indent=2))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class StreamerClient:
             raise ValueError("a shared reply_topic needs a reply_partition that this client owns")
         self.reply_to = ReplyTo(topic=topic, partition=None if self._private else reply_partition)
         cid = f"{self.settings.client_id}-client-{self.client_uid}"
-        self._producer = kafka.producer(self.settings, client_id=cid, linger_ms=2)
+        self._producer = kafka.producer(self.settings, client_id=cid, linger_ms=0)
         self._consumer = kafka.consumer(self.settings, client_id=cid, group_id=None)
         self._router = ReplyRouter(self._consumer, self.codec)
         self._window = asyncio.Semaphore(self.settings.max_in_flight)

@@ -78,7 +78,9 @@ def run_demo(args: argparse.Namespace) -> int:
                if k in WorkerSettings.model_fields and not k.startswith("sasl_password")}
         if wsettings.sasl_password is not None:
             env["STREAMER_SASL_PASSWORD"] = wsettings.sasl_password.get_secret_value()
-        return asyncio.run(_demo(args, wsettings, env, workdir, workers, console))
+        import uvloop
+
+        return uvloop.run(_demo(args, wsettings, env, workdir, workers, console))
     finally:
         codes = [w.stop() for w in workers]
         if workers:

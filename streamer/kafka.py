@@ -50,7 +50,7 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
 
 def producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     """A durable producer: idempotent, ``acks=all``, so per-partition order survives retries."""
-    kw: dict[str, Any] = {**client_kwargs(settings), "acks": "all", "enable_idempotence": True, "linger_ms": 1}
+    kw: dict[str, Any] = {**client_kwargs(settings), "acks": "all", "enable_idempotence": True, "linger_ms": 0}
     kw.update(overrides)
     return AIOKafkaProducer(**kw)
 
