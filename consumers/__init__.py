@@ -2,6 +2,7 @@
 
 from ._commit import Committer, ConsumerCommitter
 from ._inference import RunStats
+from ._items import Route
 from .worker import Worker
 
-__all__ = ["Committer", "ConsumerCommitter", "RunStats", "Worker"]
+__all__ = ["Committer", "ConsumerCommitter", "Route", "RunStats", "Worker"]

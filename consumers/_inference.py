@@ -22,6 +22,9 @@ from schemas import (
     InferenceResult,
     ReplyTo,
     RoutingHeaders,
+    SchemaError,
+    StageMessage,
+    StageTiming,
     Timings,
     WireError,
     now_ms,
@@ -29,7 +32,7 @@ from schemas import (
 from streamer.errors import BadInput
 from streamer.models import Model
 
-from ._items import DeadLetter, Item, Outcome
+from ._items import DeadLetter, Item, Outcome, Route
 
 __all__ = ["BatchRunner", "RunStats"]
 
@@ -46,14 +49,18 @@ class RunStats:
     dead_letters: int = 0
     forward_passes: int = 0
     extra_forward_passes: int = 0  # caused by bisecting failed batches
+    queue_ms_total: float = 0.0
+    inference_ms_total: float = 0.0
 
 
 class BatchRunner:
-    def __init__(self, model: Model, codec: Codec, worker: str, default_reply_topic: str) -> None:
+    def __init__(self, model: Model, codec: Codec, worker: str, default_reply_topic: str,
+                 route: Route | None = None) -> None:
         self.model = model
         self.codec = codec
         self.worker = worker
         self.default_reply_topic = default_reply_topic
+        self.route = route or Route(model.name)
         self.stats = RunStats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
 
@@ -62,69 +69,75 @@ class BatchRunner:
 
     def warm_up(self) -> None:
         with contextlib.suppress(NotImplementedError):
-            self.model.run(self.model.example_inputs(2))
+            self.model.run([self.model.validate(x) for x in self.model.example_inputs(2)])
 
     async def run(self, batch: list[Item]) -> list[Outcome]:
         """One outcome per item, in the batch's order."""
         self.stats.batches += 1
         self.stats.items += len(batch)
         start = time.monotonic()
-        outcomes: list[Outcome] = []
-        runnable: list[tuple[Outcome, Any]] = []
-        for item in batch:
-            outcome = self._check(item)
-            outcomes.append(outcome)
-            if outcome.result is None and outcome.dead_letter is None:
-                runnable.append((outcome, item.inputs))
-        if runnable:
-            loop = asyncio.get_running_loop()
-            t0 = time.perf_counter()
-            answers = await loop.run_in_executor(self._executor, self._run_bisect, [x for _, x in runnable])
-            inference_ms = (time.perf_counter() - t0) * 1000
-            for (outcome, _), answer in zip(runnable, answers, strict=True):
-                item = outcome.item
-                assert item.request is not None
-                timings = Timings(
-                    queue_ms=max(0.0, (start - item.arrived) * 1000),
-                    batch_size=len(runnable),
-                    inference_ms=inference_ms,
-                )
-                if isinstance(answer, BaseException):
-                    code = answer.code if isinstance(answer, BadInput) else "model_error"
-                    msg = f"{type(answer).__name__}: {answer}"
-                    self.fail(outcome, code, msg, timings)
-                else:
-                    outcome.result = self._result(item, "ok", outputs=answer, timings=timings)
-                    self.stats.ok += 1
+        outcomes = [self._check(item) for item in batch]
+        runnable = [o for o in outcomes if o.result is None and o.dead_letter is None]
+        if not runnable:
+            return outcomes
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        answers = await loop.run_in_executor(self._executor, self._run_bisect, [o.item.inputs for o in runnable])
+        inference_ms = (time.perf_counter() - t0) * 1000
+        self.stats.inference_ms_total += inference_ms
+        for outcome, answer in zip(runnable, answers, strict=True):
+            queue_ms = max(0.0, (start - outcome.item.arrived) * 1000)
+            self.stats.queue_ms_total += queue_ms
+            timings = Timings(queue_ms=queue_ms, batch_size=len(runnable), inference_ms=inference_ms)
+            if isinstance(answer, BaseException):
+                code = answer.code if isinstance(answer, BadInput) else "model_error"
+                self.fail(outcome, code, f"{type(answer).__name__}: {answer}", timings)
+            else:
+                self._succeed(outcome, answer, timings)
         return outcomes
 
     # -- per item, on the loop -------------------------------------------------------------------------
+    def _decode(self, item: Item) -> StageMessage:
+        version = dict(item.headers).get("streamer-schema", _SCHEMA)
+        if version != _SCHEMA:
+            raise DecodeError(f"unsupported schema version {version.decode(errors='replace')!r}; "
+                              f"this worker reads {SCHEMA_VERSION}")
+        route = self.route
+        if not route.first:
+            msg = self.codec.decode_stage(item.value)
+            if msg.model == route.model and msg.stage != route.stage:
+                raise SchemaError(f"a message for stage {msg.stage!r} reached stage {route.stage!r}",
+                                  request_id=msg.id, reply_to=msg.reply_to)
+            return msg
+        req = self.codec.decode_request(item.value)
+        return StageMessage(
+            id=req.id, model=req.model, stage=route.stage or route.model, payload=req.inputs, key=req.key,
+            reply_to=req.reply_to, deadline_ms=req.deadline_ms, created_ms=req.created_ms, metadata=req.metadata,
+        )
+
     def _check(self, item: Item) -> Outcome:
         outcome = Outcome(item)
         try:
-            version = dict(item.headers).get("streamer-schema", _SCHEMA)
-            if version != _SCHEMA:
-                raise DecodeError(f"unsupported schema version {version.decode(errors='replace')!r}; "
-                                  f"this worker reads {SCHEMA_VERSION}")
-            req = self.codec.decode_request(item.value)
+            msg = self._decode(item)
         except WireError as exc:
             routing = RoutingHeaders.parse(item.headers)
             rid = exc.request_id or routing.request_id
             reply = exc.reply_to if isinstance(exc.reply_to, ReplyTo) else routing.reply_to
             self.fail(outcome, exc.code, str(exc), None, request_id=rid, reply_to=reply)
             return outcome
-        item.request = req
-        self._route(outcome, req.reply_to)
-        if req.model != self.model.name:
-            self.fail(outcome, "unknown_model",
-                       f"this worker group serves {self.model.name!r}, not {req.model!r}", None)
-        elif req.expired():
-            outcome.result = self._result(item, "expired", error=ErrorInfo(
-                code="deadline_exceeded", message=f"deadline {req.deadline_ms} passed before inference"))
+        item.message = msg
+        self._route(outcome, msg.reply_to)
+        if msg.model != self.route.model:
+            what = f"stage {self.route.stage!r} of {self.route.model!r}" if self.route.stage else repr(self.route.model)
+            self.fail(outcome, "unknown_model", f"this worker group serves {what}, not {msg.model!r}", None)
+        elif msg.deadline_ms is not None and now_ms() > msg.deadline_ms:
+            outcome.result = self._result(msg, "expired", error=ErrorInfo(
+                code="deadline_exceeded", message=f"deadline {msg.deadline_ms} passed before inference",
+                stage=self.route.stage))
             self.stats.expired += 1
         else:
             try:
-                item.inputs = self.model.validate(req.inputs)
+                item.inputs = self.model.validate(msg.payload)
             except BadInput as exc:
                 self.fail(outcome, "bad_input", str(exc), None)
         return outcome
@@ -132,6 +145,22 @@ class BatchRunner:
     def _route(self, outcome: Outcome, reply: ReplyTo | None) -> None:
         outcome.reply_topic = reply.topic if reply else self.default_reply_topic
         outcome.reply_partition = reply.partition if reply else None
+
+    def _succeed(self, outcome: Outcome, answer: Any, timings: Timings) -> None:
+        msg = outcome.item.message
+        assert msg is not None
+        route = self.route
+        trail = msg.trail
+        if route.stage is not None:
+            trail = [*trail, StageTiming(stage=route.stage, worker=self.worker, queue_ms=timings.queue_ms,
+                                         batch_size=timings.batch_size, inference_ms=timings.inference_ms,
+                                         done_ms=now_ms())]
+        if route.next_stage is not None:
+            outcome.forward = msg.model_copy(update={"stage": route.next_stage, "payload": answer, "trail": trail})
+        else:
+            outcome.result = self._result(msg, "ok", outputs=answer, timings=timings,
+                                          stages=trail if route.stage is not None else None)
+        self.stats.ok += 1
 
     def fail(
         self,
@@ -144,32 +173,34 @@ class BatchRunner:
         reply_to: ReplyTo | None = None,
     ) -> None:
         """An error result (when the request can be routed) and a dead letter."""
-        if outcome.result is not None and outcome.result.status == "ok":
+        if (outcome.result is not None and outcome.result.status == "ok") or outcome.forward is not None:
             self.stats.ok -= 1
+        outcome.forward = None
         self.stats.errors += 1
         self.stats.dead_letters += 1
         outcome.dead_letter = DeadLetter(code, message)
-        req = outcome.item.request
-        rid = req.id if req else request_id
+        msg = outcome.item.message
+        rid = msg.id if msg else request_id
         if rid is None:
+            outcome.result = None
             return  # nobody to tell: the dead letter alone records it
-        if req is None:
+        if msg is None:
             self._route(outcome, reply_to)
         outcome.result = InferenceResult(
             id=rid,
-            model=req.model if req else self.model.name,
+            model=msg.model if msg else self.route.model,
             model_version=self.model.version,
             status="error",
-            error=ErrorInfo(code=code, message=message),
+            error=ErrorInfo(code=code, message=message, stage=self.route.stage),
             timings=timings,
+            stages=(msg.trail or None) if msg is not None and self.route.stage is not None else None,
             worker=self.worker,
         )
 
-    def _result(self, item: Item, status: Any, **fields: Any) -> InferenceResult:
-        assert item.request is not None
+    def _result(self, msg: StageMessage, status: Any, **fields: Any) -> InferenceResult:
         return InferenceResult(
-            id=item.request.id,
-            model=self.model.name,
+            id=msg.id,
+            model=msg.model,
             model_version=self.model.version,
             status=status,
             worker=self.worker,

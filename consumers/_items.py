@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import TopicPartition
 
-from schemas import InferenceRequest, InferenceResult
+from schemas import InferenceResult, StageMessage
 
-__all__ = ["DeadLetter", "Item", "Outcome"]
+__all__ = ["DeadLetter", "Item", "Outcome", "Route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a worker serves: one model, or one stage of a pipeline.
+
+    ``model`` is the name clients send (the model's, or the pipeline's). The first stage (or a
+    single model) reads client requests; later stages read stage messages. The last stage (or a
+    single model) publishes results; earlier stages forward to ``next_topic`` for ``next_stage``.
+    """
+
+    model: str
+    stage: str | None = None
+    first: bool = True
+    next_topic: str | None = None
+    next_stage: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.next_topic is None) != (self.next_stage is None):
+            raise ValueError("next_topic and next_stage go together")
 
 
 @dataclass(slots=True)
@@ -22,9 +42,9 @@ class Item:
     value: bytes
     headers: list[tuple[str, bytes]]
     arrived: float  # time.monotonic() when fetched
-    epoch: int  # the worker's assignment epoch when fetched
-    request: InferenceRequest | None = None
-    inputs: Any = None
+    epoch: int  # the partition's assignment epoch when fetched
+    message: StageMessage | None = None  # the decoded request, in one shape for every stage
+    inputs: Any = None  # what the model's validate() returned
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +55,11 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class Outcome:
-    """The records to publish for one item: a result (when it can be routed) and/or a dead letter."""
+    """The records to publish for one item: a result or a forwarded message, and/or a dead letter."""
 
     item: Item
     result: InferenceResult | None = None
     reply_topic: str | None = None
     reply_partition: int | None = None
+    forward: StageMessage | None = None
     dead_letter: DeadLetter | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

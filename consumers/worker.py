@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from schemas import SCHEMA_VERSION, Codec, Limits, WireError
+from schemas import Codec, Limits, RoutingHeaders, WireError
 from streamer import kafka
 from streamer.batching import BatchPolicy, BatchQueue
 from streamer.config import WorkerSettings
@@ -28,13 +28,12 @@ from streamer.models import Model, load_model
 from ._commit import ConsumerCommitter, OrderedCommits
 from ._dead_letter import send_dead_letter
 from ._inference import BatchRunner, RunStats
-from ._items import Item, Outcome
+from ._items import Item, Outcome, Route
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamer.worker")
 
-_RESULT_HEADERS = [("streamer-schema", str(SCHEMA_VERSION).encode()), ("content-type", b"application/msgpack")]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -51,7 +50,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Worker:
     """One member of the worker group. Use ``await worker.run()`` or start/stop explicitly."""
 
-    def __init__(self, settings: WorkerSettings, model: Model | None = None, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        model: Model | None = None,
+        limits: Limits | None = None,
+        route: Route | None = None,
+    ) -> None:
         self.settings = settings
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.model = model or load_model(settings.model, settings.device)
@@ -59,7 +64,8 @@ class Worker:
         self.max_buffered = settings.max_buffered or 4 * settings.max_batch_size
         self.codec = Codec(limits or Limits(max_message_bytes=settings.max_message_bytes,
                                             max_tensor_elements=settings.max_tensor_elements))
-        self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic)
+        self.route = route or Route(self.model.name)
+        self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic, self.route)
         self._queue: BatchQueue[Item] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
@@ -101,7 +107,8 @@ class Worker:
             asyncio.create_task(self._fetch_loop(), name="streamer-fetch"),
             asyncio.create_task(self._process_loop(), name="streamer-process"),
         ]
-        log.info("worker %s serving %s v%s on %s (group %s, batch %d, wait %g ms)", self.name,
+        what = f"stage {self.route.stage} of {self.route.model}" if self.route.stage else self.model.name
+        log.info("worker %s serving %s (%s v%s) on %s (group %s, batch %d, wait %g ms)", self.name, what,
                  self.model.name, self.model.version, self.settings.request_topic, self.settings.group_id,
                  self.policy.max_batch_size, self.policy.max_wait_ms)
 
@@ -230,8 +237,20 @@ class Worker:
     async def _publish(self, outcome: Outcome) -> list[Any]:
         futures = []
         item, result = outcome.item, outcome.result
+        if outcome.forward is not None:
+            msg = outcome.forward
+            assert self.route.next_topic is not None
+            try:
+                value = self.codec.encode(msg)
+            except (WireError, TypeError) as exc:
+                self.runner.fail(outcome, "model_error", f"stage output cannot be encoded: {exc}", None)
+                result = outcome.result
+            else:
+                futures.append(await self._producer.send(
+                    self.route.next_topic, value, key=item.key, headers=RoutingHeaders(msg.id, msg.reply_to).build(),
+                ))
         if result is not None and outcome.reply_topic is not None:
-            headers = [*_RESULT_HEADERS, ("streamer-request-id", result.id.encode())]
+            headers = RoutingHeaders(result.id, None).build()
             try:
                 value = self.codec.encode_result(result)
             except (WireError, TypeError) as exc:

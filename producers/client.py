@@ -18,12 +18,12 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from schemas import (
-    SCHEMA_VERSION,
     Codec,
     InferenceRequest,
     InferenceResult,
     Limits,
     ReplyTo,
+    RoutingHeaders,
     new_request_id,
     now_ms,
 )
@@ -40,16 +40,7 @@ _REPLY_RETENTION_MS = str(60 * 60 * 1000)
 
 def request_headers(request: InferenceRequest) -> list[tuple[str, bytes]]:
     """Kafka headers for a request: the schema version and the routing facts (see WIRE.md)."""
-    headers = [
-        ("streamer-schema", str(SCHEMA_VERSION).encode()),
-        ("content-type", b"application/msgpack"),
-        ("streamer-request-id", request.id.encode()),
-    ]
-    if request.reply_to is not None:
-        headers.append(("streamer-reply-topic", request.reply_to.topic.encode()))
-        if request.reply_to.partition is not None:
-            headers.append(("streamer-reply-partition", str(request.reply_to.partition).encode()))
-    return headers
+    return RoutingHeaders(request.id, request.reply_to).build()
 
 
 class StreamerClient:

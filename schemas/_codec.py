@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from ._errors import DecodeError, LimitExceeded, SchemaError
-from ._models import InferenceRequest, InferenceResult, ReplyTo
+from ._models import InferenceRequest, InferenceResult, ReplyTo, StageMessage
 
 __all__ = [
     "DTYPES",
@@ -50,7 +50,7 @@ DTYPES: Final[dict[int, np.dtype[Any]]] = {
 _CODES: Final = {dt: code for code, dt in DTYPES.items()}
 _MAX_NDIM: Final = 8
 _FIXED = struct.Struct("<BB6x")
-_ALWAYS: Final = frozenset({"inputs", "outputs"})
+_ALWAYS: Final = frozenset({"inputs", "outputs", "payload"})
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -78,6 +78,17 @@ class RoutingHeaders:
 
     request_id: str | None
     reply_to: ReplyTo | None
+
+    def build(self) -> list[tuple[str, bytes]]:
+        """Kafka headers for a request or stage message: the schema version and the routing facts."""
+        headers = [("streamer-schema", str(SCHEMA_VERSION).encode()), ("content-type", b"application/msgpack")]
+        if self.request_id is not None:
+            headers.append(("streamer-request-id", self.request_id.encode()))
+        if self.reply_to is not None:
+            headers.append(("streamer-reply-topic", self.reply_to.topic.encode()))
+            if self.reply_to.partition is not None:
+                headers.append(("streamer-reply-partition", str(self.reply_to.partition).encode()))
+        return headers
 
     @classmethod
     def parse(cls, headers: Sequence[tuple[str, bytes]] | None) -> RoutingHeaders:
@@ -205,6 +216,9 @@ class Codec:
 
     def decode_result(self, data: bytes) -> InferenceResult:
         return self._decode(data, InferenceResult)
+
+    def decode_stage(self, data: bytes) -> StageMessage:
+        return self._decode(data, StageMessage)
 
     def _decode(self, data: bytes, model: type[_M]) -> _M:
         obj = self.unpack(data)

@@ -14,6 +14,8 @@ __all__ = [
     "InferenceRequest",
     "InferenceResult",
     "ReplyTo",
+    "StageMessage",
+    "StageTiming",
     "Status",
     "Timings",
     "new_request_id",
@@ -74,12 +76,39 @@ class InferenceRequest(_Wire):
 class ErrorInfo(_Wire):
     code: ErrorCode
     message: str
+    stage: str | None = Field(default=None, description="the pipeline stage that failed, if any")
 
 
 class Timings(_Wire):
     queue_ms: float = Field(ge=0, description="from the request's arrival at the worker to its batch's start")
     batch_size: int = Field(ge=0)
     inference_ms: float = Field(ge=0)
+
+
+class StageTiming(_Wire):
+    """One pipeline stage's part in a request: who ran it, how long it waited and ran."""
+
+    stage: str
+    worker: str
+    queue_ms: float = Field(ge=0)
+    batch_size: int = Field(ge=0)
+    inference_ms: float = Field(ge=0)
+    done_ms: int = Field(ge=0, description="when the stage finished this item, Unix epoch ms")
+
+
+class StageMessage(_Wire):
+    """A request in flight between two pipeline stages (an intermediate topic's record)."""
+
+    id: str = _ID
+    model: str = _NAME  # the pipeline's name, as the client sent it
+    stage: str = _NAME  # the stage this message is for
+    payload: Any
+    key: str | None = Field(default=None, max_length=1024)
+    reply_to: ReplyTo | None = None
+    deadline_ms: int | None = Field(default=None, ge=0)
+    created_ms: int = Field(ge=0)
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    trail: list[StageTiming] = Field(default_factory=list)
 
 
 class InferenceResult(_Wire):
@@ -90,5 +119,6 @@ class InferenceResult(_Wire):
     outputs: Any = None
     error: ErrorInfo | None = None
     timings: Timings | None = None
+    stages: list[StageTiming] | None = Field(default=None, description="per-stage trail, for pipelines")
     worker: str = ""
     created_ms: int = Field(default_factory=now_ms, ge=0)
