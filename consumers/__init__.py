@@ -3,6 +3,7 @@
 from ._commit import Committer, ConsumerCommitter
 from ._inference import RunStats
 from ._items import Route
+from .stage import stage_settings, stage_worker
 from .worker import Worker
 
-__all__ = ["Committer", "ConsumerCommitter", "Route", "RunStats", "Worker"]
+__all__ = ["Committer", "ConsumerCommitter", "Route", "RunStats", "Worker", "stage_settings", "stage_worker"]

@@ -220,6 +220,56 @@ def cmd_results(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_pipeline_show(args: argparse.Namespace) -> int:
+    from .pipeline import load_pipeline
+
+    spec = load_pipeline(args.file)
+    print(f"pipeline {spec.name}: clients send model={spec.name!r} to {spec.input_topic(spec.order[0].name)!r}")
+    rows = [("#", "stage", "callable", "device", "batch", "wait ms", "procs", "reads", "group", "writes",
+             "dead letters")]
+    for i, st in enumerate(spec.order, 1):
+        rows.append((str(i), st.name, st.callable + (f" {st.options}" if st.options else ""), st.device or "auto",
+                     str(st.max_batch_size), f"{st.max_wait_ms:g}", str(st.parallelism), spec.input_topic(st.name),
+                     spec.group_id(st.name), spec.next_topic(st.name) or "results -> reply route",
+                     spec.dead_letter_topic(st.name)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_pipeline_create(args: argparse.Namespace) -> int:
+    from .kafka import TopicSpec, ensure_topics
+    from .pipeline import load_pipeline
+
+    spec = load_pipeline(args.file)
+    s = _settings(args, KafkaSettings)
+    specs = [TopicSpec(spec.input_topic(st.name), args.partitions, args.replication_factor) for st in spec.order]
+    specs += [TopicSpec(spec.dead_letter_topic(st.name), 1, args.replication_factor) for st in spec.order]
+    specs.append(TopicSpec(s.results_topic, args.partitions, args.replication_factor))
+    created = _run(ensure_topics(s, specs))
+    for t in specs:
+        print(f"{t.name}\t{t.partitions if t.name in created else '-'}\t{'created' if t.name in created else 'exists'}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from consumers import stage_worker
+
+    from .pipeline import load_pipeline
+
+    spec = load_pipeline(args.file)
+    settings = _settings(args, KafkaSettings)
+    overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "max_buffered")}
+    worker = stage_worker(spec, args.stage, settings, **overrides)
+
+    async def serve() -> None:
+        await worker.run()
+
+    _run(serve())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -269,6 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="stop after this many results")
     p.add_argument("--timeout-s", type=float, default=None, help="give up (exit 1) after this long")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("pipeline", help="pipelines of stages chained by topics")
+    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    c = psub.add_parser("show", help="print the stages, topics and groups of a pipeline spec")
+    c.add_argument("file", help="a pipeline spec (TOML), or a built-in: minilm-2stage, minilm-split")
+    c.set_defaults(func=cmd_pipeline_show)
+    c = psub.add_parser("create", help="create a pipeline's topics")
+    c.add_argument("file", help="a pipeline spec (TOML), or a built-in: minilm-2stage, minilm-split")
+    _add_kafka(c)
+    c.add_argument("--partitions", type=int, default=8)
+    c.add_argument("--replication-factor", type=int, default=1)
+    c.set_defaults(func=cmd_pipeline_create)
+
+    p = sub.add_parser("stage", help="run one worker of one stage of a pipeline")
+    p.add_argument("file", help="a pipeline spec (TOML), or a built-in: minilm-2stage, minilm-split")
+    p.add_argument("--stage", required=True, help="the stage to run")
+    _add_kafka(p)
+    g = p.add_argument_group("overrides of the spec")
+    g.add_argument("--device", default=None)
+    g.add_argument("--max-batch-size", dest="max_batch_size", default=None)
+    g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None)
+    g.add_argument("--max-buffered", dest="max_buffered", default=None)
+    p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("demo", help="run the whole system end to end on an embedded broker")
     _add_kafka(p)

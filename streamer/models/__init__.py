@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -11,26 +12,59 @@ from ..errors import ModelNotFound
 from ._base import Model, default_device
 from ._tiny_mlp import TinyMLP, tiny_mlp_weights
 
-__all__ = ["BUILTINS", "Model", "TinyMLP", "default_device", "load_model", "tiny_mlp_weights"]
+__all__ = ["BUILTINS", "Model", "TinyMLP", "default_device", "find_factory", "load_model", "tiny_mlp_weights"]
 
 
-def _minilm(device: torch.device) -> Model:
+def _minilm(device: torch.device, **options: Any) -> Model:
     from ._minilm import MiniLM
 
-    return MiniLM(device)
+    return MiniLM(device, **options)
 
 
-BUILTINS: dict[str, Callable[[torch.device], Model]] = {
+def _minilm_tokenize(device: torch.device, **options: Any) -> Model:
+    from ._minilm_stages import MiniLMTokenize
+
+    return MiniLMTokenize(device, **options)
+
+
+def _minilm_encode(device: torch.device, **options: Any) -> Model:
+    from ._minilm_stages import MiniLMEncode
+
+    return MiniLMEncode(device, **options)
+
+
+def _minilm_layers(device: torch.device, **options: Any) -> Model:
+    from ._minilm_stages import MiniLMLayers
+
+    return MiniLMLayers(device, **options)
+
+
+BUILTINS: dict[str, Callable[..., Model]] = {
     "tiny-mlp": TinyMLP,
     "minilm": _minilm,
+    # Pipeline stages (see streamer/pipelines/*.toml).
+    "minilm-tokenize": _minilm_tokenize,
+    "minilm-encode": _minilm_encode,
+    "minilm-layers": _minilm_layers,
 }
 
 
-def load_model(spec: str, device: str | None = None) -> Model:
-    """Load ``spec``: a built-in name, or ``package.module:factory`` where ``factory(device)`` returns a Model."""
-    dev = default_device(device)
+def load_model(spec: str, device: str | None = None, **options: Any) -> Model:
+    """Load ``spec``: a built-in name, or ``package.module:factory`` where ``factory(device, **options)``
+    returns a Model."""
+    factory = find_factory(spec)
+    model = factory(default_device(device), **options)
+    if not isinstance(model, Model):
+        raise ModelNotFound(f"{spec} returned {type(model).__name__}, not a streamer.models.Model")
+    if not model.name or model.name == "model":
+        model.name = spec
+    return model
+
+
+def find_factory(spec: str) -> Callable[..., Model]:
+    """The factory for ``spec``, imported but not called; :class:`ModelNotFound` if there is none."""
     if spec in BUILTINS:
-        return BUILTINS[spec](dev)
+        return BUILTINS[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelNotFound(
@@ -44,9 +78,4 @@ def load_model(spec: str, device: str | None = None) -> Model:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelNotFound(f"{module_name!r} has no callable {attr!r}")
-    model = factory(dev)
-    if not isinstance(model, Model):
-        raise ModelNotFound(f"{spec} returned {type(model).__name__}, not a streamer.models.Model")
-    if not model.name or model.name == "model":
-        model.name = spec
-    return model
+    return factory  # type: ignore[no-any-return]

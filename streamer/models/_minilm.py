@@ -19,13 +19,23 @@ import torch.nn.functional as F
 from ..errors import BadInput, ModelNotFound
 from ._base import Model
 
-__all__ = ["MiniLM", "minilm_dir"]
+__all__ = ["MAX_SEQ_LEN", "MiniLM", "load_tokenizer", "minilm_dir"]
 
 MAX_SEQ_LEN = 256  # sentence-transformers' max_seq_length for this model
 MAX_CHARS = 20_000
 
 _WORDS = ("stream", "kafka", "model", "batch", "token", "vector", "worker", "topic", "result", "request",
           "the", "a", "of", "runs", "fast", "on", "every", "partition", "with", "quiet", "river", "light")
+
+
+def load_tokenizer() -> Any:
+    """The Rust tokenizer of all-MiniLM-L6-v2, truncating to the model's max sequence length."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=MAX_SEQ_LEN)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
+    return tokenizer
 
 
 def minilm_dir() -> Path:
@@ -47,7 +57,6 @@ class MiniLM(Model):
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(device)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from tokenizers import Tokenizer
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
 
@@ -55,15 +64,14 @@ class MiniLM(Model):
         hf_logging.disable_progress_bar()
 
         root = minilm_dir()
-        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-        self.tokenizer.enable_truncation(max_length=MAX_SEQ_LEN)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
+        self.tokenizer = load_tokenizer()
         self.encoder = BertModel.from_pretrained(
             str(root), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False
         )
         self.encoder.to(device=device, dtype=dtype).eval()
+        self.vocab_size = int(self.encoder.config.vocab_size)
 
-    def validate(self, inputs: Any) -> str:
+    def validate(self, inputs: Any) -> Any:
         if not isinstance(inputs, str):
             raise BadInput(f"minilm takes a string, got {type(inputs).__name__}")
         if not inputs or len(inputs) > MAX_CHARS:
