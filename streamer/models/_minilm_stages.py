@@ -4,8 +4,9 @@
 - ``minilm-encode``: token ids -> the sentence embedding (encoder, mean pooling, L2 norm).
 - ``minilm-layers`` with options ``start``/``end``: encoder layers [start, end). The first
   such stage takes token ids (or, with ``tokenize = true``, sentences) and embeds them; a
-  stage that does not end at the last layer outputs ``{"hidden": float32 [L, 384], "attention_mask": uint8 [L]}`` per sentence; the
-  stage that ends at the last layer pools and normalises, so its output is the embedding.
+  stage that does not end at the last layer outputs, per sentence,
+  ``{"hidden": float32 [L, 384], "attention_mask": uint8 [L]}``; the stage that ends at the
+  last layer pools and normalises, so its output is the embedding.
 
 Each item's tensors are trimmed to its own length, so a stage pads only to its own batch.
 """
