@@ -9,6 +9,7 @@ committed offsets, in order).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import torch
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from schemas import Codec, Limits, RoutingHeaders, WireError
@@ -59,6 +61,8 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.name = f"{socket.gethostname()}-{os.getpid()}"
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.model = model or load_model(settings.model, settings.device)
         self.policy = BatchPolicy(settings.max_batch_size, settings.max_wait_ms)
         self.max_buffered = settings.max_buffered or 4 * settings.max_batch_size
@@ -107,8 +111,8 @@ class Worker:
             asyncio.create_task(self._fetch_loop(), name="streamer-fetch"),
             asyncio.create_task(self._process_loop(), name="streamer-process"),
         ]
-        what = f"stage {self.route.stage} of {self.route.model}" if self.route.stage else self.model.name
-        log.info("worker %s serving %s (%s v%s) on %s (group %s, batch %d, wait %g ms)", self.name, what,
+        self._reporter = asyncio.create_task(self._report_loop(), name="streamer-report")
+        log.info("worker %s serving %s (%s v%s) on %s (group %s, batch %d, wait %g ms)", self.name, self.describe(),
                  self.model.name, self.model.version, self.settings.request_topic, self.settings.group_id,
                  self.policy.max_batch_size, self.policy.max_wait_ms)
 
@@ -123,6 +127,7 @@ class Worker:
             await asyncio.wait_for(asyncio.gather(*self._tasks), self.settings.shutdown_timeout_s)
             await asyncio.wait_for(self._commits.close(), self.settings.shutdown_timeout_s)
         finally:
+            self._reporter.cancel()
             await self._consumer.stop()  # leaves the group
             await self._producer.stop()
             self.runner.close()
@@ -145,6 +150,28 @@ class Worker:
                     raise task.exception()  # type: ignore[misc]
         finally:
             await self.stop()
+
+    def describe(self) -> str:
+        return f"stage {self.route.stage} of {self.route.model}" if self.route.stage else self.model.name
+
+    async def _report_loop(self) -> None:
+        """Log throughput, batch size, queue wait and time in the model every ``stats_interval_s``."""
+        prev = dataclasses.replace(self.stats)
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_s)
+            now = self.stats
+            items, batches = now.items - prev.items, now.batches - prev.batches
+            if items:
+                log.info(
+                    "%s: %.1f items/s, mean batch %.1f, queue wait %.1f ms, model %.1f ms per batch, "
+                    "ok %d, errors %d, expired %d, dead letters %d, buffered %d",
+                    self.describe(), items / self.settings.stats_interval_s, items / max(batches, 1),
+                    (now.queue_ms_total - prev.queue_ms_total) / items,
+                    (now.inference_ms_total - prev.inference_ms_total) / max(batches, 1),
+                    now.ok - prev.ok, now.errors - prev.errors, now.expired - prev.expired,
+                    now.dead_letters - prev.dead_letters, len(self._queue),
+                )
+            prev = dataclasses.replace(now)
 
     # -- rebalance ---------------------------------------------------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -261,10 +261,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.file)
     settings = _settings(args, KafkaSettings)
     overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "max_buffered")}
-    worker = stage_worker(spec, args.stage, settings, **overrides)
+    spec.stage(args.stage)  # fail on an unknown stage before loading anything
 
     async def serve() -> None:
-        await worker.run()
+        await stage_worker(spec, args.stage, settings, **overrides).run()
 
     _run(serve())
     return 0

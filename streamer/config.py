@@ -56,6 +56,8 @@ class WorkerSettings(KafkaSettings):
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: torch's")
+    stats_interval_s: float = Field(default=10.0, gt=0, description="how often the worker logs its figures")
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger requests are rejected")
     max_tensor_elements: int = Field(default=16 * 1024 * 1024, ge=1)
 

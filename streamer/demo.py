@@ -26,13 +26,13 @@ __all__ = ["WorkerProcess", "run_demo"]
 
 
 class WorkerProcess:
-    """``streamer worker`` as a child process, logging to a file."""
+    """``streamer worker`` (or another ``streamer`` command) as a child process, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *extra_args: str) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *extra_args: str, command: str = "worker") -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamer", "worker", *extra_args],
+            [sys.executable, "-m", "streamer", command, *extra_args],
             env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,11 +136,19 @@ async def describe_group(settings: KafkaSettings, group_id: str) -> tuple[str, l
     return str(state), [str(m[1]) for m in members]
 
 
-async def wait_for_group(settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 60.0) -> None:
-    """Wait until ``group_id`` is stable with exactly ``members`` members."""
+async def wait_for_group(
+    settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 60.0,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Wait until ``group_id`` is stable with exactly ``members`` members.
+
+    ``check``, called on each try, may raise to give up early (a member process died, say).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
+        if check is not None:
+            check()
         try:
             state, ids = await describe_group(settings, group_id)
             if state == "Stable" and len(ids) == members:

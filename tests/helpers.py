@@ -37,6 +37,25 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    def stage(self, settings: KafkaSettings, spec: Path, stage: str, **extra: Any) -> WorkerProcess:
+        """``streamer stage SPEC --stage NAME``, one torch thread (several share the test machine's cores)."""
+        log = self.logdir / f"stage-{stage}-{len(self.started)}.log"
+        env = settings_env(settings, torch_threads=1, stats_interval_s=2, **extra)
+        for name in ("REQUEST_TOPIC", "DEAD_LETTER_TOPIC", "GROUP_ID", "MODEL"):
+            env.pop(f"STREAMER_{name}", None)  # the spec names these
+        proc = WorkerProcess(env, log, str(spec), "--stage", stage, command="stage")
+        self.started.append(proc)
+        return proc
+
+    async def wait_group(self, settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 180) -> None:
+        """Wait for the group to be stable with ``members`` members; fail at once if a process died."""
+        await kafka.wait_for_group(settings, group_id, members, timeout_s, check=self.check_alive)
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.started if p.proc.poll() not in (None, -9)]
+        if dead:
+            raise AssertionError(f"a process exited with {dead[0].proc.returncode}:\n{self.logs()[-3000:]}")
+
     def logs(self) -> str:
         return "\n".join(p.log_path.read_text(errors="replace") for p in self.started if p.log_path.exists())
 
