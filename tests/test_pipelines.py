@@ -182,18 +182,26 @@ async def test_sigkill_of_a_stage_two_process_loses_nothing(
     inputs = [[float(i), 1.0, 2.0, 3.0] for i in range(600)]
     async with StreamerClient(_client_settings(client_settings, spec)) as client:
         arrived: list[int] = []
+        hundred = asyncio.Event()
+
+        def done(i: int) -> None:
+            arrived.append(i)
+            if len(arrived) == 100:
+                hundred.set()
+
         futures = []
         for i, x in enumerate(inputs):
             fut = await client.submit(x, model=name, key=f"k{i % 10}")
-            fut.add_done_callback(lambda f, i=i: arrived.append(i))
+            fut.add_done_callback(lambda f, i=i: done(i))
             futures.append(fut)
-        while len(arrived) < 100:
-            await asyncio.sleep(0.02)
+        await hundred.wait()
         victim.signal(signal.SIGKILL)  # mid-stream: hundreds of requests still to go
         results = list(await asyncio.gather(*futures))
         await asyncio.sleep(1.0)
         duplicates = client.duplicates_dropped
     assert len(arrived) == 600 and len({r.id for r in results}) == 600
+    served = {r.worker.rsplit("-", 1)[1] for r in results}
+    assert str(victim.proc.pid) in served and len(served) == 2, "the killed process should have served requests"
     assert all(r.status == "ok" for r in results)
     assert [r.outputs for r in results] == [2 * (i + 6.0) for i in range(600)]
     _assert_key_order(arrived, keys=10)
