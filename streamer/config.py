@@ -28,6 +28,7 @@ class KafkaSettings(BaseSettings):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    idempotence: bool = Field(default=True, description="idempotent producers; off only for brokers without them")
     request_topic: str = Field(default="streamer.requests", min_length=1, max_length=249)
     results_topic: str = Field(default="streamer.results", min_length=1, max_length=249)
     dead_letter_topic: str = Field(default="streamer.dead-letters", min_length=1, max_length=249)

@@ -49,8 +49,14 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
 
 
 def producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
-    """A durable producer: idempotent, ``acks=all``, so per-partition order survives retries."""
-    kw: dict[str, Any] = {**client_kwargs(settings), "acks": "all", "enable_idempotence": True, "linger_ms": 0}
+    """A durable producer: idempotent, ``acks=all``, so per-partition order survives retries.
+
+    ``settings.idempotence = False`` is for brokers without idempotent producers (Tansu); order
+    then still holds without retries, as aiokafka sends one batch per partition at a time.
+    """
+    kw: dict[str, Any] = {
+        **client_kwargs(settings), "acks": "all", "enable_idempotence": settings.idempotence, "linger_ms": 0,
+    }
     kw.update(overrides)
     return AIOKafkaProducer(**kw)
 

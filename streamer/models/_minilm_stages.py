@@ -95,9 +95,10 @@ class MiniLMLayers(MiniLM):
     name = "minilm-layers"
 
     def __init__(
-        self, device: torch.device, start: int = 0, end: int | None = None, tokenize: bool = False
+        self, device: torch.device, start: int = 0, end: int | None = None, tokenize: bool = False,
+        dtype: str | torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(device)
+        super().__init__(device, dtype)
         if tokenize and start != 0:
             raise ValueError("minilm-layers: only a stage that starts at layer 0 can tokenize")
         self.tokenize = tokenize
@@ -139,7 +140,7 @@ class MiniLMLayers(MiniLM):
         if self.start == 0:
             hidden = bert.embeddings(input_ids=x, token_type_ids=torch.zeros_like(x))
         else:
-            hidden = x.to(next(bert.parameters()).dtype)
+            hidden = x.to(self.dtype)
         mask4 = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
         for layer in bert.encoder.layer[self.start:self.end]:
             hidden = layer(hidden, mask4)
