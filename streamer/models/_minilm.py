@@ -57,7 +57,7 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     found = getattr(torch, dtype, None)
     if not isinstance(found, torch.dtype):
-        raise ValueError(f"unknown torch dtype {dtype!r}: use float32, float16 or bfloat16")
+        raise ValueError(f"unknown torch dtype {dtype!r}: use float32, float16 or bfloat16")  # noqa: TRY004
     return found
 
 
