@@ -120,12 +120,21 @@ class Worker:
         """Stop fetching; the batch in flight finishes and is committed (used by SIGTERM)."""
         self._stopping.set()
         self._queue.close()
+        self._room.set()  # wake a fetch loop waiting for queue room
 
     async def stop(self) -> None:
         self.request_stop()
         try:
-            await asyncio.wait_for(asyncio.gather(*self._tasks), self.settings.shutdown_timeout_s)
+            done, pending = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_timeout_s)
+            for task in pending:
+                log.warning("%s did not stop within %g s; cancelling it", task.get_name(),
+                            self.settings.shutdown_timeout_s)
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             await asyncio.wait_for(self._commits.close(), self.settings.shutdown_timeout_s)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         finally:
             self._reporter.cancel()
             await self._consumer.stop()  # leaves the group

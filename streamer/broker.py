@@ -22,7 +22,7 @@ from types import TracebackType
 from .errors import BrokerError
 from .paths import cache_dir
 
-__all__ = ["KAFKA_VERSION", "LocalKafka", "free_port", "kafka_jars"]
+__all__ = ["KAFKA_VERSION", "LocalKafka", "LocalKafkaCluster", "free_port", "kafka_jars"]
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
@@ -105,7 +105,13 @@ class LocalKafka:
         heap_mb: int = 384,
         version: str = KAFKA_VERSION,
         extra_properties: dict[str, str] | None = None,
+        node_id: int = 1,
+        voters: str | None = None,
+        cluster_id: str | None = None,
     ) -> None:
+        self.node_id = node_id
+        self.voters = voters  # "1@host:port,2@host:port,..." for a multi-node cluster
+        self.cluster_id = cluster_id
         self._keep = data_dir is not None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamer-kafka-"))
         # A formatted node keeps its controller endpoint (it is in the voter set), so a restart on
@@ -135,23 +141,32 @@ class LocalKafka:
         return self.data_dir / "broker.log"
 
     def _properties(self) -> str:
+        replicas = len(self.voters.split(",")) if self.voters else 1
+        min_isr = str(min(2, replicas))
+        quorum = (
+            {"controller.quorum.voters": self.voters}
+            if self.voters
+            else {"controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}"}
+        )
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            **quorum,
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.data_dir / "log"),
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": str(replicas),
             "offsets.topic.num.partitions": "8",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": str(replicas),
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": min_isr if replicas > 1 else "1",
             "group.initial.rebalance.delay.ms": "0",
             "num.network.threads": "2",
             "num.io.threads": "2",
@@ -163,6 +178,17 @@ class LocalKafka:
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
     def start(self, timeout_s: float = 60.0) -> LocalKafka:
+        """Format (first use only), launch, and wait until the broker is serving."""
+        self.launch()
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> None:
+        """Format (first use only) and launch the JVM, without waiting for it to serve."""
         java = _require("java", "install a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless)")
         libs = kafka_jars(self.version)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -175,10 +201,11 @@ class LocalKafka:
         log4j.write_text(_LOG4J2.format(log=self.log_file, level="WARN"))
         classpath = f"{libs}/*"
         if not (self.data_dir / "log" / "meta.properties").exists():
-            cluster_id = _cluster_id()
+            # --standalone makes a one-voter quorum; with a static voter list it is refused.
+            standalone = [] if self.voters else ["--standalone"]
             fmt = subprocess.run(
                 [java, "-cp", classpath, f"-Dlog4j2.configurationFile={log4j}", "kafka.tools.StorageTool",
-                 "format", "-t", cluster_id, "-c", str(conf), "--standalone"],
+                 "format", "-t", self.cluster_id or _cluster_id(), "-c", str(conf), *standalone],
                 capture_output=True, text=True, check=False,
             )
             if fmt.returncode != 0:
@@ -192,12 +219,9 @@ class LocalKafka:
         out = (self.data_dir / "broker.out").open("ab")
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -239,6 +263,11 @@ class LocalKafka:
         if not self._keep:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
+    def terminate(self) -> None:
+        """Begin a controlled shutdown without waiting (see :meth:`stop`)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         """SIGKILL, as a crash would; the data directory is kept for a restart."""
         if self._proc is not None and self._proc.poll() is None:
@@ -251,6 +280,56 @@ class LocalKafka:
 
     def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
         self.stop()
+
+class LocalKafkaCluster:
+    """Several KRaft nodes (broker + controller each) on loopback, for broker-failure tests.
+
+    Every node votes in the controller quorum; topics default to replication factor ``nodes``
+    and ``min.insync.replicas=2``. Nodes can be killed and restarted one by one (``nodes[i]``).
+    """
+
+    def __init__(self, nodes: int = 3, *, heap_mb: int = 320, extra_properties: dict[str, str] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="streamer-kafka-cluster-"))
+        ports = [(free_port(), free_port()) for _ in range(nodes)]
+        voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports, 1))
+        cluster_id = _cluster_id()
+        self.nodes = [
+            LocalKafka(port=p, controller_port=c, data_dir=self.root / f"node-{i}", heap_mb=heap_mb, node_id=i,
+                       voters=voters, cluster_id=cluster_id, extra_properties=extra_properties)
+            for i, (p, c) in enumerate(ports, 1)
+        ]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(n.bootstrap_servers for n in self.nodes)
+
+    def start(self, timeout_s: float = 120.0) -> LocalKafkaCluster:
+        try:
+            for node in self.nodes:
+                node.launch()
+            for node in self.nodes:
+                node.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node_by_id(self, node_id: int) -> LocalKafka:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def stop(self) -> None:
+        for node in self.nodes:  # all at once: a node shutting down alone waits for the quorum
+            node.terminate()
+        for node in self.nodes:
+            node.stop(timeout_s=20)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LocalKafkaCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()

@@ -17,6 +17,7 @@ import pytest
 
 from streamer import ClientSettings, WorkerSettings, kafka
 from streamer.config import KafkaSettings
+from streamer.errors import BrokerError
 
 pytest_plugins = ["tests.helpers"]
 
@@ -49,7 +50,10 @@ def broker() -> Iterator[_Broker]:
     if shutil.which("java") and shutil.which("mvn"):
         from streamer.broker import LocalKafka
 
-        local = LocalKafka().start()
+        try:
+            local = LocalKafka().start()
+        except BrokerError:  # a free port taken between picking and binding: try once more
+            local = LocalKafka().start()
         try:
             yield _Broker(local.bootstrap_servers, "apache-kafka", local)
         finally:

@@ -22,13 +22,13 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 async def _publish_keyed(
     client: StreamerClient, inputs: list[Any], keys: int, pace_s: float = 0.0, *, start: int = 0,
-    arrived: list[int] | None = None,
+    arrived: list[int] | None = None, model: str = "tiny-mlp",
 ) -> tuple[list[asyncio.Future[InferenceResult]], list[int]]:
     """Publish in index order (request ``i`` has key ``k{i % keys}``); record the order results arrive in."""
     arrived = [] if arrived is None else arrived
     futures = []
     for i, x in enumerate(inputs, start):
-        fut = await client.submit(x, model="tiny-mlp", key=f"k{i % keys}", timeout_s=180)
+        fut = await client.submit(x, model=model, key=f"k{i % keys}", timeout_s=180)
         fut.add_done_callback(lambda f, i=i: arrived.append(i))
         futures.append(fut)
         if pace_s:
@@ -95,20 +95,22 @@ async def test_sigterm_finishes_in_flight_commits_and_leaves(
     created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics
-    w = processes.worker(ws)
+    # A slow model and a small buffer: when SIGTERM lands, a batch is running and the queue is full.
+    slow = {"max_batch_size": 4, "max_buffered": 8, "shutdown_timeout_s": 300}
+    w = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", **slow)
     await kafka.wait_for_group(ws, ws.group_id, 1, timeout_s=120)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(300, seed=3)
     async with StreamerClient(client_settings) as client:
-        futures, _ = await _publish_keyed(client, inputs, keys=10)
+        futures, _ = await _publish_keyed(client, inputs, keys=10, model="slow-tiny")
         await asyncio.wait(futures[:50])
         w.signal(signal.SIGTERM)
-        code = await asyncio.to_thread(w.proc.wait, 60)
+        code = await asyncio.to_thread(w.proc.wait, 60)  # raises if the worker hangs on the full queue
         assert code == 0, processes.logs()
         assert "LeaveGroup" in processes.logs() or "stopped" in processes.logs()
         state, members = await kafka.describe_group(ws, ws.group_id)
         assert members == [], f"the worker should have left the group, state {state}"
         # What it did not finish is redelivered to the next worker: nothing is lost.
-        processes.worker(ws)
+        processes.worker(ws, "--model", "tests.fault_models:slow_tiny")
         results = list(await asyncio.gather(*futures))
     assert all(r.status == "ok" for r in results)
     assert len({r.id for r in results}) == 300

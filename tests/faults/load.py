@@ -1,0 +1,103 @@
+"""Steady keyed load, and the figures every fault case reports."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from producers import StreamerClient
+from schemas import InferenceResult
+from streamer import kafka
+from streamer.config import KafkaSettings
+
+
+@dataclass
+class Load:
+    """Publishes keyed requests at a fixed rate and records when each result first arrives."""
+
+    client: StreamerClient
+    model: str
+    inputs: list[Any]
+    keys: int = 20
+    rate: float = 200.0
+    futures: list[asyncio.Future[InferenceResult]] = field(default_factory=list)
+    arrived: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, request index)
+    publish_failures: int = 0
+
+    async def run(self) -> None:
+        t0 = time.monotonic()
+        for i, x in enumerate(self.inputs):
+            delay = t0 + i / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            fut = await self.client.submit(x, model=self.model, key=f"k{i % self.keys}", timeout_s=240)
+            fut.add_done_callback(lambda f, i=i: self._done(f, i))
+            self.futures.append(fut)
+
+    def _done(self, fut: asyncio.Future[InferenceResult], i: int) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.arrived.append((time.monotonic(), i))
+
+    async def results(self) -> list[InferenceResult | BaseException]:
+        return list(await asyncio.gather(*self.futures, return_exceptions=True))
+
+
+async def drain(settings: KafkaSettings, topic: str, idle_s: float = 2.0) -> list[ConsumerRecord]:
+    """Every record of ``topic``, read until nothing new arrives for ``idle_s``."""
+    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle_s:
+            got = await consumer.getmany(timeout_ms=200)
+            for batch in got.values():
+                records.extend(batch)
+                quiet_since = time.monotonic()
+    finally:
+        await consumer.stop()
+    return records
+
+
+@dataclass
+class Figures:
+    requests: int
+    lost: int
+    duplicates_raw: int
+    duplicates_after_dedup: int
+    order_violations: int
+    recover_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self, case: str) -> str:
+        extra = "".join(f", {k} {v}" for k, v in self.extra.items())
+        return (f"{case}: {self.requests} requests, lost {self.lost}, duplicates raw {self.duplicates_raw} / "
+                f"after de-duplication {self.duplicates_after_dedup}, order violations {self.order_violations}, "
+                f"recovered in {self.recover_s:.1f} s{extra}")
+
+
+def figures(load: Load, results: list[InferenceResult | BaseException], raw: list[ConsumerRecord],
+            fault_times: list[float]) -> Figures:
+    ok = [r for r in results if isinstance(r, InferenceResult) and r.status == "ok"]
+    ids = Counter(dict(r.headers).get("streamer-request-id", b"").decode() for r in raw)
+    seen_by_client = Counter(r.id for r in ok)
+    by_key: dict[int, list[int]] = defaultdict(list)
+    for _, i in sorted(load.arrived):
+        by_key[i % load.keys].append(i)
+    violations = sum(sum(1 for a, b in zip(seq, seq[1:], strict=False) if b < a) for seq in by_key.values())
+    times = sorted(t for t, _ in load.arrived)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)
+            if any(a - 1.0 <= f <= b for f in fault_times)]
+    return Figures(
+        requests=len(load.inputs),
+        lost=len(load.inputs) - len(ok),
+        duplicates_raw=sum(c - 1 for c in ids.values() if c > 1),
+        duplicates_after_dedup=sum(c - 1 for c in seen_by_client.values() if c > 1),
+        order_violations=violations,
+        recover_s=max(gaps, default=0.0),
+    )
