@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -89,9 +90,9 @@ def figures(load: Load, results: list[InferenceResult | BaseException], raw: lis
     by_key: dict[int, list[int]] = defaultdict(list)
     for _, i in sorted(load.arrived):
         by_key[i % load.keys].append(i)
-    violations = sum(sum(1 for a, b in zip(seq, seq[1:], strict=False) if b < a) for seq in by_key.values())
+    violations = sum(sum(1 for a, b in itertools.pairwise(seq) if b < a) for seq in by_key.values())
     times = sorted(t for t, _ in load.arrived)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)
+    gaps = [b - a for a, b in itertools.pairwise(times)
             if any(a - 1.0 <= f <= b for f in fault_times)]
     return Figures(
         requests=len(load.inputs),
