@@ -23,6 +23,7 @@ __all__ = [
     "delete_topics",
     "describe_group",
     "ensure_topics",
+    "partition_leaders",
     "producer",
     "wait_for_group",
     "wait_for_topics",
@@ -164,3 +165,14 @@ async def wait_for_group(
         if loop.time() > deadline:
             raise TimeoutError(f"group {group_id} did not reach {members} stable members in {timeout_s:g} s")
         await asyncio.sleep(0.2)
+
+
+async def partition_leaders(settings: KafkaSettings, topic: str) -> dict[int, int]:
+    """Partition -> the node id that leads it (-1 while none does)."""
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        topics = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return {int(p["partition"]): int(p["leader"]) for t in topics for p in t["partitions"]}

@@ -1,0 +1,110 @@
+"""Fault suite, brokers: a 3-node cluster losing a leader, and a single broker restarting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from producers import StreamerClient
+from streamer import ClientSettings, WorkerSettings, kafka
+from streamer.broker import LocalKafka, LocalKafkaCluster
+from streamer.models import load_model
+
+from ..helpers import Processes
+from .load import Load, drain, figures
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def _names() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {"request_topic": f"f-{tag}.requests", "results_topic": f"f-{tag}.results",
+            "dead_letter_topic": f"f-{tag}.dlq", "group_id": f"fg-{tag}"}
+
+
+async def _topics(ws: WorkerSettings, replication: int) -> None:
+    await kafka.ensure_topics(ws, [kafka.TopicSpec(ws.request_topic, 4, replication),
+                                   kafka.TopicSpec(ws.results_topic, 4, replication),
+                                   kafka.TopicSpec(ws.dead_letter_topic, 1, replication)])
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[LocalKafkaCluster]:
+    c = await asyncio.to_thread(lambda: LocalKafkaCluster(3).start())
+    try:
+        yield c
+    finally:
+        await asyncio.to_thread(c.stop)
+
+
+async def test_killing_the_request_partition_leader_loses_no_acknowledged_request(
+    cluster: LocalKafkaCluster, processes: Processes
+) -> None:
+    """RF 3, min.insync.replicas 2: kill -9 the node leading request partition 0 under load, restart it."""
+    names = _names()
+    ws = WorkerSettings(bootstrap_servers=cluster.bootstrap_servers, session_timeout_ms=6000, **names)
+    await _topics(ws, replication=3)
+    for _ in range(2):
+        processes.worker(ws, torch_threads=1)
+    await processes.wait_group(ws, ws.group_id, 2)
+    cs = ClientSettings(bootstrap_servers=cluster.bootstrap_servers, timeout_s=240,
+                        **{k: v for k, v in names.items() if k != "group_id"})
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(1500, seed=41)
+    async with StreamerClient(cs) as client:
+        load = Load(client, "tiny-mlp", inputs, keys=16, rate=120)
+        publishing = asyncio.create_task(load.run())
+        await asyncio.sleep(3)
+        leader = (await kafka.partition_leaders(ws, ws.request_topic))[0]
+        victim = cluster.node_by_id(leader)
+        victim.kill()
+        killed_at = time.monotonic()
+        await asyncio.sleep(4)
+        await asyncio.to_thread(victim.start, 120)  # same data, same ports
+        await publishing
+        results = await load.results()
+        raw = await drain(cs, client.reply_to.topic)
+    fig = figures(load, results, raw, [killed_at])
+    fig.extra["killed node"] = leader
+    print("\n" + fig.line("kill -9 the request-partition leader of 3 (RF 3, min ISR 2)"))
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
+    assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+
+
+async def test_single_broker_restart_with_its_data(tmp_path: Path, processes: Processes) -> None:
+    broker = LocalKafka(data_dir=tmp_path / "kafka")
+    await asyncio.to_thread(broker.start)
+    try:
+        names = _names()
+        ws = WorkerSettings(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=6000, **names)
+        await _topics(ws, replication=1)
+        for _ in range(2):
+            processes.worker(ws, torch_threads=1)
+        await processes.wait_group(ws, ws.group_id, 2)
+        cs = ClientSettings(bootstrap_servers=broker.bootstrap_servers, timeout_s=240,
+                            **{k: v for k, v in names.items() if k != "group_id"})
+        inputs = load_model("tiny-mlp", "cpu").example_inputs(1200, seed=43)
+        async with StreamerClient(cs) as client:
+            load = Load(client, "tiny-mlp", inputs, keys=16, rate=120)
+            publishing = asyncio.create_task(load.run())
+            await asyncio.sleep(3)
+            await asyncio.to_thread(broker.stop)  # controlled shutdown; the data stays
+            down_at = time.monotonic()
+            await asyncio.sleep(2)
+            await asyncio.to_thread(broker.start)
+            await publishing
+            results = await load.results()
+            raw = await drain(cs, client.reply_to.topic)
+        fig = figures(load, results, raw, [down_at])
+        print("\n" + fig.line("restart of a single broker with its data"))
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
+        assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+        assert all(p.proc.poll() is None for p in processes.started), "workers must survive the restart"
+    finally:
+        await asyncio.to_thread(broker.stop)
