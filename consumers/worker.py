@@ -98,13 +98,16 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
-        await self._producer.start()
         try:
+            await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
             self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
-            await self._consumer.start()
+            async with kafka.translated_errors(self.settings):
+                await self._producer.start()
+                await self._consumer.start()
         except BaseException:
+            await self._consumer.stop()
             await self._producer.stop()
+            self.runner.close()
             raise
         self._commits.start()
         self._tasks = [

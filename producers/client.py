@@ -85,15 +85,15 @@ class StreamerClient:
         await self.close()
 
     async def start(self) -> None:
-        if self._private:
-            await kafka.ensure_topics(
-                self.settings,
-                [kafka.TopicSpec(self.reply_to.topic, partitions=1, config={"retention.ms": _REPLY_RETENTION_MS})],
-            )
         tp = TopicPartition(self.reply_to.topic, self.reply_to.partition or 0)
-        await self._producer.start()
         try:
-            await self._consumer.start()
+            if self._private:
+                spec = kafka.TopicSpec(self.reply_to.topic, partitions=1,
+                                       config={"retention.ms": _REPLY_RETENTION_MS})
+                await kafka.ensure_topics(self.settings, [spec])
+            async with kafka.translated_errors(self.settings):
+                await self._producer.start()
+                await self._consumer.start()
             self._consumer.assign([tp])
             if self._private:
                 await self._consumer.seek_to_beginning(tp)

@@ -3,6 +3,7 @@
 from .batching import BatchPolicy
 from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
 from .errors import (
+    AuthenticationFailed,
     BadInput,
     BrokerError,
     ConfigError,
@@ -15,6 +16,7 @@ from .errors import (
 )
 
 __all__ = [
+    "AuthenticationFailed",
     "BadInput",
     "BatchPolicy",
     "BrokerError",

@@ -108,10 +108,13 @@ class LocalKafka:
         node_id: int = 1,
         voters: str | None = None,
         cluster_id: str | None = None,
+        scram_users: dict[str, str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.voters = voters  # "1@host:port,2@host:port,..." for a multi-node cluster
         self.cluster_id = cluster_id
+        # SCRAM-SHA-256 users created at format time; they get a SASL_PLAINTEXT listener of their own.
+        self.scram_users = scram_users or {}
         self._keep = data_dir is not None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="streamer-kafka-"))
         # A formatted node keeps its controller endpoint (it is in the voter set), so a restart on
@@ -119,6 +122,7 @@ class LocalKafka:
         saved = self._saved_ports()
         self.port = port or saved.get("port") or free_port()
         self.controller_port = controller_port or saved.get("controller_port") or free_port()
+        self.sasl_port = (saved.get("sasl_port") or free_port()) if self.scram_users else None
         self.heap_mb = heap_mb
         self.version = version
         self.extra = extra_properties or {}
@@ -135,6 +139,13 @@ class LocalKafka:
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """The SASL_PLAINTEXT (SCRAM-SHA-256) listener, when ``scram_users`` were given."""
+        if self.sasl_port is None:
+            raise BrokerError("this broker has no SASL listener: give scram_users")
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def log_file(self) -> Path:
@@ -174,6 +185,14 @@ class LocalKafka:
             "log.cleaner.dedupe.buffer.size": str(8 * 1024 * 1024),
             "auto.create.topics.enable": "true",
         }
+        if self.sasl_port is not None:
+            props["listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            props["advertised.listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            props["listener.security.protocol.map"] += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            props["sasl.enabled.mechanisms"] = "SCRAM-SHA-256"
+            props["listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            )
         props.update(self.extra)
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
@@ -195,7 +214,7 @@ class LocalKafka:
         conf = self.data_dir / "server.properties"
         conf.write_text(self._properties())
         (self.data_dir / "ports.json").write_text(
-            json.dumps({"port": self.port, "controller_port": self.controller_port})
+            json.dumps({"port": self.port, "controller_port": self.controller_port, "sasl_port": self.sasl_port})
         )
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_file, level="WARN"))
@@ -203,6 +222,8 @@ class LocalKafka:
         if not (self.data_dir / "log" / "meta.properties").exists():
             # --standalone makes a one-voter quorum; with a static voter list it is refused.
             standalone = [] if self.voters else ["--standalone"]
+            for user, password in self.scram_users.items():
+                standalone += ["--add-scram", f"SCRAM-SHA-256=[name={user},password={password}]"]
             fmt = subprocess.run(
                 [java, "-cp", classpath, f"-Dlog4j2.configurationFile={log4j}", "kafka.tools.StorageTool",
                  "format", "-t", self.cluster_id or _cluster_id(), "-c", str(conf), *standalone],

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from schemas import InferenceResult
 
 __all__ = [
+    "AuthenticationFailed",
     "BadInput",
     "BrokerError",
     "ConfigError",
@@ -40,6 +41,10 @@ class ConfigError(FatalError):
 
 class BrokerError(FatalError):
     """The local broker could not be prepared, started or reached."""
+
+
+class AuthenticationFailed(BrokerError):
+    """The cluster refused our SASL credentials."""
 
 
 class ModelNotFound(FatalError):

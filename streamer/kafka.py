@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
 from .config import KafkaSettings
+from .errors import AuthenticationFailed, BrokerError
 
 __all__ = [
     "TopicSpec",
@@ -25,9 +26,46 @@ __all__ = [
     "ensure_topics",
     "partition_leaders",
     "producer",
+    "translated_errors",
     "wait_for_group",
     "wait_for_topics",
 ]
+
+
+@contextlib.asynccontextmanager
+async def translated_errors(settings: KafkaSettings) -> AsyncIterator[None]:
+    """Turn aiokafka's connection failures into streamer errors that say what to fix.
+
+    aiokafka reports any bootstrap failure as "Unable to bootstrap"; with SASL configured, one
+    direct connection to the first bootstrap server tells a refused password from a dead host.
+    """
+    try:
+        yield
+    except KafkaConnectionError as exc:
+        if settings.security_protocol.startswith("SASL") and await _credentials_refused(settings):
+            raise AuthenticationFailed(
+                f"the cluster at {settings.bootstrap_servers} refused user {settings.sasl_username!r} "
+                f"({settings.sasl_mechanism}): invalid credentials. Check sasl_username / sasl_password "
+                "(STREAMER_SASL_USERNAME / STREAMER_SASL_PASSWORD)."
+            ) from exc
+        raise BrokerError(f"cannot reach the cluster at {settings.bootstrap_servers}: {exc}") from exc
+
+
+async def _credentials_refused(settings: KafkaSettings) -> bool:
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import SaslAuthenticationFailed
+
+    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    kw = client_kwargs(settings)
+    kw.pop("bootstrap_servers")
+    try:
+        conn = await create_conn(host, int(port), request_timeout_ms=10_000, **kw)
+    except SaslAuthenticationFailed:
+        return True
+    except (KafkaError, OSError, ValueError):
+        return False
+    conn.close()
+    return False
 
 
 def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
@@ -86,7 +124,8 @@ async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> 
     """Create the topics that do not exist yet; returns the names it created."""
     wanted = {s.name: s for s in specs}
     admin = admin_client(settings)
-    await admin.start()
+    async with translated_errors(settings):
+        await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [s for n, s in wanted.items() if n not in existing]
