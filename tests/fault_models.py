@@ -1,7 +1,8 @@
-"""Models for fault tests: tiny-mlp slowed down, so a kill lands mid-batch."""
+"""Models for fault tests: tiny-mlp slowed down (so a kill lands mid-batch), or poisoned."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -9,18 +10,37 @@ import torch
 
 from streamer.models import Model, TinyMLP
 
+POISON = 13.0
+
 
 class SlowTinyMLP(TinyMLP):
+    """tiny-mlp that sleeps ``FAULT_DELAY_MS`` (default 40) per batch."""
+
     name = "slow-tiny"
 
-    def __init__(self, device: torch.device, delay_ms: float = 40.0) -> None:
+    def __init__(self, device: torch.device) -> None:
         super().__init__(device)
-        self.delay_s = delay_ms / 1000
+        self.delay_s = float(os.environ.get("FAULT_DELAY_MS", "40")) / 1000
 
     def forward(self, batch: torch.Tensor) -> Any:
         time.sleep(self.delay_s)
         return super().forward(batch)
 
 
+class PoisonTinyMLP(TinyMLP):
+    """tiny-mlp that raises on any batch holding the value 13.0."""
+
+    name = "poison-tiny"
+
+    def forward(self, batch: torch.Tensor) -> Any:
+        if bool((batch == POISON).any()):
+            raise RuntimeError("poison item in the batch")
+        return super().forward(batch)
+
+
 def slow_tiny(device: torch.device) -> Model:
     return SlowTinyMLP(device)
+
+
+def poison_tiny(device: torch.device) -> Model:
+    return PoisonTinyMLP(device)

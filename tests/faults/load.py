@@ -28,6 +28,7 @@ class Load:
     rate: float = 200.0
     futures: list[asyncio.Future[InferenceResult]] = field(default_factory=list)
     arrived: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, request index)
+    sent: dict[int, float] = field(default_factory=dict)  # request index -> monotonic time published
     publish_failures: int = 0
 
     async def run(self) -> None:
@@ -36,6 +37,7 @@ class Load:
             delay = t0 + i / self.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            self.sent[i] = time.monotonic()
             fut = await self.client.submit(x, model=self.model, key=f"k{i % self.keys}", timeout_s=240)
             fut.add_done_callback(lambda f, i=i: self._done(f, i))
             self.futures.append(fut)
@@ -91,14 +93,15 @@ def figures(load: Load, results: list[InferenceResult | BaseException], raw: lis
     for _, i in sorted(load.arrived):
         by_key[i % load.keys].append(i)
     violations = sum(sum(1 for a, b in itertools.pairwise(seq) if b < a) for seq in by_key.values())
-    times = sorted(t for t, _ in load.arrived)
-    gaps = [b - a for a, b in itertools.pairwise(times)
-            if any(a - 1.0 <= f <= b for f in fault_times)]
+    # Seconds to recover: the longest a request published around a fault waited for its result
+    # (in steady state a result takes milliseconds; a stalled partition shows up here).
+    window = [(t, i) for t, i in load.arrived if any(f - 1.0 <= load.sent[i] <= f + 30.0 for f in fault_times)]
+    waits = [t - load.sent[i] for t, i in window]
     return Figures(
         requests=len(load.inputs),
         lost=len(load.inputs) - len(ok),
         duplicates_raw=sum(c - 1 for c in ids.values() if c > 1),
         duplicates_after_dedup=sum(c - 1 for c in seen_by_client.values() if c > 1),
         order_violations=violations,
-        recover_s=max(gaps, default=0.0),
+        recover_s=max(waits, default=0.0),
     )

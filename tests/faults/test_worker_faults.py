@@ -45,3 +45,79 @@ async def test_sigkill_one_of_three_workers_five_times(
     assert fig.duplicates_after_dedup == 0
     assert fig.order_violations == 0
     assert all(not isinstance(r, BaseException) and r.status == "ok" for r in results)
+
+
+async def test_scale_one_three_one_during_load(
+    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+) -> None:
+    ws = created_topics
+    first = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1)
+    await processes.wait_group(ws, ws.group_id, 1)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(2400, seed=33)
+    events: list[float] = []
+    async with StreamerClient(client_settings) as client:
+        load = Load(client, "slow-tiny", inputs, keys=24, rate=150)
+        publishing = asyncio.create_task(load.run())
+        await asyncio.sleep(3)
+        extra = [processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1) for _ in range(2)]
+        events.append(time.monotonic())
+        await processes.wait_group(ws, ws.group_id, 3)
+        await asyncio.sleep(3)
+        for p in extra:
+            p.signal(signal.SIGTERM)  # scale back down the way an orchestrator does
+        events.append(time.monotonic())
+        assert all(code == 0 for code in await asyncio.gather(*(asyncio.to_thread(p.proc.wait) for p in extra)))
+        await publishing
+        results = await load.results()
+        raw = await drain(client_settings, client.reply_to.topic)
+    fig = figures(load, results, raw, events)
+    print("\n" + fig.line("scale 1 -> 3 -> 1 workers"))
+    assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+    assert first.proc.poll() is None
+    served = {r.worker for r in results if not isinstance(r, BaseException)}
+    assert len(served) == 3, f"all three workers should have served: {served}"
+
+
+async def test_sigstop_past_the_session_timeout_then_sigcont(
+    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+) -> None:
+    ws = created_topics.model_copy(update={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000})
+    frozen = processes.worker(ws, torch_threads=1)
+    processes.worker(ws, torch_threads=1)
+    await processes.wait_group(ws, ws.group_id, 2)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(1800, seed=35)
+    async with StreamerClient(client_settings) as client:
+        load = Load(client, "tiny-mlp", inputs, keys=24, rate=120)
+        publishing = asyncio.create_task(load.run())
+        await asyncio.sleep(3)
+        frozen.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        await asyncio.sleep(9)  # past the 6 s session timeout: the group moves on without it
+        frozen.signal(signal.SIGCONT)
+        await publishing
+        results = await load.results()
+        raw = await drain(client_settings, client.reply_to.topic)
+    fig = figures(load, results, raw, [stopped_at])
+    print("\n" + fig.line("SIGSTOP a worker past the session timeout, then SIGCONT"))
+    assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+    assert frozen.proc.poll() is None, "the resumed worker must rejoin, not die"
+
+
+async def test_a_batch_longer_than_the_poll_interval_keeps_its_membership(
+    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+) -> None:
+    """The model runs 7 s per batch against a 5 s max.poll.interval: no rebalance, no redo loop."""
+    ws = created_topics
+    w = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", max_poll_interval_ms=5000,
+                         max_batch_size=8, max_buffered=8, FAULT_DELAY_MS=7000)
+    w_env_ok = w.proc.poll() is None
+    assert w_env_ok
+    await processes.wait_group(ws, ws.group_id, 1)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(40, seed=37)
+    async with StreamerClient(client_settings) as client:
+        results = await asyncio.gather(*(client.infer(x, model="slow-tiny", key=f"k{i % 4}", timeout_s=200)
+                                         for i, x in enumerate(inputs)))
+        raw = await drain(client_settings, client.reply_to.topic)
+    assert len({r.id for r in results}) == 40 and all(r.status == "ok" for r in results)
+    assert len(raw) == 40, "no batch may be redone: a redo means the worker lost its membership"
+    assert processes.logs().count("partitions revoked") == 0
