@@ -19,7 +19,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from schemas import Codec, Limits, RoutingHeaders, WireError
 from streamer import kafka
@@ -31,6 +32,7 @@ from ._commit import ConsumerCommitter, OrderedCommits
 from ._dead_letter import send_dead_letter
 from ._inference import BatchRunner, RunStats
 from ._items import Item, Outcome, Route
+from ._transactions import TransactionalProducers
 
 __all__ = ["Worker"]
 
@@ -73,6 +75,7 @@ class Worker:
         self._queue: BatchQueue[Item] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
+        self._fenced: set[TopicPartition] = set()  # exactly-once: partitions a newer owner took from us
         self._paused = False
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()  # set while no batch is being processed
@@ -88,9 +91,11 @@ class Worker:
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             max_poll_records=settings.max_batch_size,
+            isolation_level="read_committed",  # never read what an aborted transaction wrote
         )
         self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}")
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp])
+        self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
 
     @property
     def stats(self) -> RunStats:
@@ -140,6 +145,8 @@ class Worker:
                     raise task.exception()  # type: ignore[misc]
         finally:
             self._reporter.cancel()
+            if self._txn is not None:
+                await self._txn.close()
             await self._consumer.stop()  # leaves the group
             await self._producer.stop()
             self.runner.close()
@@ -199,11 +206,14 @@ class Worker:
             log.warning("revoke: in-flight work did not finish in time; it will not be committed here")
         for tp in revoked:
             self._epochs[tp] += 1
+        if self._txn is not None:
+            await self._txn.release(revoked)
         log.info("partitions revoked: %s (%d queued records left for the next owner)",
                  sorted(f"{tp.topic}-{tp.partition}" for tp in revoked), dropped)
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._revoking = set()
+        self._fenced -= assigned
         self._paused = False
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
@@ -228,7 +238,7 @@ class Worker:
             now = time.monotonic()
             owned = consumer.assignment()
             for tp, records in batches.items():
-                if tp not in owned or tp in self._revoking:
+                if tp not in owned or tp in self._revoking or tp in self._fenced:
                     continue
                 epoch = self._epochs[tp]
                 for r in records:
@@ -263,17 +273,55 @@ class Worker:
             self._idle.clear()
             try:
                 outcomes = await self.runner.run(batch)
-                deliveries = [d for o in outcomes for d in await self._publish(o)]
-                offsets: dict[TopicPartition, tuple[int, int]] = {}
-                for item in batch:
-                    offsets[item.tp] = (item.offset + 1, item.epoch)
-                self._commits.add(deliveries, offsets)
+                if self._txn is not None:
+                    await self._commit_in_transactions(outcomes)
+                else:
+                    deliveries = [d for o in outcomes for d in await self._publish(o, self._producer)]
+                    offsets: dict[TopicPartition, tuple[int, int]] = {}
+                    for item in batch:
+                        offsets[item.tp] = (item.offset + 1, item.epoch)
+                    self._commits.add(deliveries, offsets)
             finally:
                 self._idle.set()
             if self._stopping.is_set():
                 return  # the batch in flight is done; queued records are left for redelivery
 
-    async def _publish(self, outcome: Outcome) -> list[Any]:
+    async def _commit_in_transactions(self, outcomes: list[Outcome]) -> None:
+        """Exactly-once: each partition's outputs and its next offset in one transaction."""
+        assert self._txn is not None
+        by_tp: dict[TopicPartition, list[Outcome]] = {}
+        for o in outcomes:
+            by_tp.setdefault(o.item.tp, []).append(o)
+        for tp, outs in by_tp.items():
+            if outs[0].item.epoch != self._epochs[tp] or tp in self._fenced:
+                continue  # revoked or fenced since it was fetched: the next owner redoes it
+            producer = await self._txn.get(tp)
+            try:
+                async with producer.transaction():
+                    for o in outs:
+                        await self._publish(o, producer)
+                    await producer.send_offsets_to_transaction({tp: outs[-1].item.offset + 1}, self.settings.group_id)
+            except ProducerFenced:
+                # A newer owner of the partition started its producer: we are a zombie for this one.
+                # Never start a producer for it again until the group assigns it to us anew: that
+                # would fence the rightful owner in turn.
+                log.warning("%s: fenced by a newer owner; dropping its queued records", tp)
+                self._fenced.add(tp)
+                self._forget(tp)
+                await self._txn.discard(tp)
+            except KafkaError as exc:
+                # Unknown outcome: never guess. A new producer aborts the transaction; redo from its start.
+                log.warning("%s: transaction failed (%r); aborting it and redoing from offset %d", tp, exc,
+                            outs[0].item.offset)
+                await self._txn.discard(tp)
+                self._forget(tp)
+                if tp in self._consumer.assignment():
+                    self._consumer.seek(tp, outs[0].item.offset)
+
+    def _forget(self, tp: TopicPartition) -> None:
+        self._queue.drop(lambda item: item.tp != tp)
+
+    async def _publish(self, outcome: Outcome, producer: AIOKafkaProducer) -> list[Any]:
         futures = []
         item, result = outcome.item, outcome.result
         if outcome.forward is not None:
@@ -285,7 +333,7 @@ class Worker:
                 self.runner.fail(outcome, "model_error", f"stage output cannot be encoded: {exc}", None)
                 result = outcome.result
             else:
-                futures.append(await self._producer.send(
+                futures.append(await producer.send(
                     self.route.next_topic, value, key=item.key, headers=RoutingHeaders(msg.id, msg.reply_to).build(),
                 ))
         if result is not None and outcome.reply_topic is not None:
@@ -297,12 +345,12 @@ class Worker:
                 self.runner.fail(outcome, "model_error", f"output cannot be encoded: {exc}", result.timings)
                 assert outcome.result is not None
                 value = self.codec.encode_result(outcome.result)
-            futures.append(await self._producer.send(
+            futures.append(await producer.send(
                 outcome.reply_topic, value, key=item.key,
                 partition=outcome.reply_partition, headers=headers,
             ))
         if outcome.dead_letter is not None:
             futures.append(await send_dead_letter(
-                self._producer, self.settings.dead_letter_topic, item, outcome.dead_letter, self.name
+                producer, self.settings.dead_letter_topic, item, outcome.dead_letter, self.name
             ))
         return futures

@@ -64,7 +64,8 @@ class StreamerClient:
         self.reply_to = ReplyTo(topic=topic, partition=None if self._private else reply_partition)
         cid = f"{self.settings.client_id}-client-{self.client_uid}"
         self._producer = kafka.producer(self.settings, client_id=cid, linger_ms=0)
-        self._consumer = kafka.consumer(self.settings, client_id=cid, group_id=None)
+        # read_committed: results of aborted transactions (exactly-once workers) are never seen.
+        self._consumer = kafka.consumer(self.settings, client_id=cid, group_id=None, isolation_level="read_committed")
         self._router = ReplyRouter(self._consumer, self.codec)
         self._window = asyncio.Semaphore(self.settings.max_in_flight)
         self._started = False

@@ -50,6 +50,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None, help="longest wait to fill a batch")
     g.add_argument("--max-buffered", dest="max_buffered", default=None,
                    help="records held before fetching pauses (0: 4 x batch)")
+    g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"],
+                   help="exactly-once writes results and offsets in one Kafka transaction")
 
 
 def _overrides(args: argparse.Namespace, cls: type[KafkaSettings]) -> dict[str, Any]:
@@ -260,7 +262,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     spec = load_pipeline(args.file)
     settings = _settings(args, KafkaSettings)
-    overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "max_buffered")}
+    overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "max_buffered",
+                                                "delivery")}
     spec.stage(args.stage)  # fail on an unknown stage before loading anything
 
     async def serve() -> None:
@@ -341,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch-size", dest="max_batch_size", default=None)
     g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None)
     g.add_argument("--max-buffered", dest="max_buffered", default=None)
+    g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"])
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("demo", help="run the whole system end to end on an embedded broker")

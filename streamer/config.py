@@ -48,6 +48,9 @@ class WorkerSettings(KafkaSettings):
     """One worker: which model, how it batches, which group it joins."""
 
     group_id: str = Field(default="streamer-workers", min_length=1)
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        default="at-least-once", description="exactly-once: results and offsets in one Kafka transaction"
+    )
     model: str = Field(default="tiny-mlp", min_length=1)
     device: str | None = Field(default=None, description="torch device; default: cuda when present, else cpu")
     max_batch_size: int = Field(default=32, ge=1, le=65536)

@@ -110,3 +110,13 @@ async def created_topics(worker_settings: WorkerSettings) -> AsyncIterator[Kafka
         kafka.TopicSpec(s.dead_letter_topic, 1),
     ])
     yield s
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's figures, one line per case, at the end of every run."""
+    from tests.faults.load import REPORT
+
+    if REPORT:
+        terminalreporter.section("fault suite figures")
+        for line in REPORT:
+            terminalreporter.write_line(line)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -50,9 +53,11 @@ class Load:
         return list(await asyncio.gather(*self.futures, return_exceptions=True))
 
 
-async def drain(settings: KafkaSettings, topic: str, idle_s: float = 2.0) -> list[ConsumerRecord]:
+async def drain(settings: KafkaSettings, topic: str, idle_s: float = 2.0,
+                isolation_level: str = "read_uncommitted") -> list[ConsumerRecord]:
     """Every record of ``topic``, read until nothing new arrives for ``idle_s``."""
-    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest")
+    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest",
+                              isolation_level=isolation_level)
     await consumer.start()
     records: list[ConsumerRecord] = []
     try:
@@ -65,6 +70,26 @@ async def drain(settings: KafkaSettings, topic: str, idle_s: float = 2.0) -> lis
     finally:
         await consumer.stop()
     return records
+
+
+REPORT: list[str] = []  # printed at the end of the test session (tests/conftest.py)
+# bench/reliability.py runs this suite with larger loads, and collects the figures as JSON lines.
+SCALE = float(os.environ.get("STREAMER_FAULT_SCALE", "1"))
+_REPORT_FILE = os.environ.get("STREAMER_FAULT_REPORT")
+
+
+def scaled(n: int) -> int:
+    return max(1, int(n * SCALE))
+
+
+def report(line: str, figures: Figures | None = None, mode: str = "at-least-once") -> None:
+    REPORT.append(line)
+    print("\n" + line)
+    if _REPORT_FILE:
+        case = line.split(":", 1)[0]
+        data = {"case": case, "mode": mode, "line": line, **(dataclasses.asdict(figures) if figures else {})}
+        with open(_REPORT_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(data) + "\n")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from streamer.broker import LocalKafka, LocalKafkaCluster
 from streamer.models import load_model
 
 from ..helpers import Processes
-from .load import Load, drain, figures
+from .load import Load, drain, figures, report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -54,7 +54,7 @@ async def test_killing_the_request_partition_leader_loses_no_acknowledged_reques
     await processes.wait_group(ws, ws.group_id, 2)
     cs = ClientSettings(bootstrap_servers=cluster.bootstrap_servers, timeout_s=240,
                         **{k: v for k, v in names.items() if k != "group_id"})
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(1500, seed=41)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1500), seed=41)
     async with StreamerClient(cs) as client:
         load = Load(client, "tiny-mlp", inputs, keys=16, rate=120)
         publishing = asyncio.create_task(load.run())
@@ -70,7 +70,7 @@ async def test_killing_the_request_partition_leader_loses_no_acknowledged_reques
         raw = await drain(cs, client.reply_to.topic)
     fig = figures(load, results, raw, [killed_at])
     fig.extra["killed node"] = leader
-    print("\n" + fig.line("kill -9 the request-partition leader of 3 (RF 3, min ISR 2)"))
+    report(fig.line("kill -9 the request-partition leader of 3 (RF 3, min ISR 2)"), fig)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
     assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
@@ -88,7 +88,7 @@ async def test_single_broker_restart_with_its_data(tmp_path: Path, processes: Pr
         await processes.wait_group(ws, ws.group_id, 2)
         cs = ClientSettings(bootstrap_servers=broker.bootstrap_servers, timeout_s=240,
                             **{k: v for k, v in names.items() if k != "group_id"})
-        inputs = load_model("tiny-mlp", "cpu").example_inputs(1200, seed=43)
+        inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1200), seed=43)
         async with StreamerClient(cs) as client:
             load = Load(client, "tiny-mlp", inputs, keys=16, rate=120)
             publishing = asyncio.create_task(load.run())
@@ -101,7 +101,7 @@ async def test_single_broker_restart_with_its_data(tmp_path: Path, processes: Pr
             results = await load.results()
             raw = await drain(cs, client.reply_to.topic)
         fig = figures(load, results, raw, [down_at])
-        print("\n" + fig.line("restart of a single broker with its data"))
+        report(fig.line("restart of a single broker with its data"), fig)
         failed = [r for r in results if isinstance(r, BaseException)]
         assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
         assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0

@@ -17,6 +17,7 @@ from streamer import ClientSettings, WorkerSettings, kafka
 from streamer.models import load_model
 
 from ..helpers import Processes, read_topic
+from .load import report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ async def test_poison_item_is_bisected_out_of_its_batch(
     assert await asyncio.to_thread(w.proc.wait, 60) == 0
     passes = re.findall(r"forward_passes=(\d+), extra_forward_passes=(\d+)", processes.logs())
     total, extra = map(int, passes[-1])
-    print(f"\npoison item in a batch of 32: 1 error, 31 ok, {extra} extra forward passes ({total} in all)")
+    report(f"poison item in a batch of 32: 1 error, 31 ok, {extra} extra forward passes ({total} in all)")
     assert extra <= 2 * 5  # bisection: two passes per level, log2(32) = 5 levels
 
 
@@ -99,7 +100,7 @@ async def test_hostile_bytes_cost_little_memory_and_the_partition_keeps_moving(
     statuses = [Codec().decode_result(r.value).status for r in results[1:]]
     assert statuses == ["error"] * (rounds * len(hostile))
     assert len(dead) == rounds * len(hostile)
-    print(f"\nhostile bytes: {rounds * len(hostile)} records, worker RSS {before:.0f} -> {after:.0f} MB")
+    report(f"hostile bytes: {rounds * len(hostile)} records, worker RSS {before:.0f} -> {after:.0f} MB")
     assert after - before < 100
     async with StreamerClient(client_settings) as client:  # the partition keeps moving
         assert (await client.infer([0.1] * 16, model="tiny-mlp", key="k", timeout_s=60)).status == "ok"
@@ -125,7 +126,7 @@ async def test_a_flood_on_a_slow_model_stays_bounded_and_recovers(
     w = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", max_batch_size=32, stats_interval_s=1,
                          FAULT_DELAY_MS=40)
     await processes.wait_group(ws, ws.group_id, 1)
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(6000, seed=39)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(6000), seed=39)
     async with StreamerClient(client_settings) as client:
         before = rss_mb(w.proc.pid)
         futures = [await client.submit(x, model="slow-tiny", key=f"k{i % 32}", timeout_s=300)
@@ -138,7 +139,7 @@ async def test_a_flood_on_a_slow_model_stays_bounded_and_recovers(
         after_flood = await client.infer(inputs[0], model="slow-tiny", timeout_s=60)
     assert all(r.status == "ok" for r in results) and after_flood.status == "ok"
     buffered = [int(b) for b in re.findall(r"buffered (\d+)", processes.logs())]
-    print(f"\nflood of 6000 on a slow model: RSS {before:.0f} -> peak {peak:.0f} MB, "
+    report(f"flood of {len(inputs)} on a slow model: RSS {before:.0f} -> peak {peak:.0f} MB, "
           f"most records buffered {max(buffered, default=0)} (limit 128)")
     assert max(buffered, default=0) <= 128 + 32
     assert peak - before < 100

@@ -13,7 +13,7 @@ from streamer import ClientSettings, WorkerSettings
 from streamer.models import load_model
 
 from ..helpers import Processes
-from .load import Load, drain, figures
+from .load import Load, drain, figures, report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ async def test_sigkill_one_of_three_workers_five_times(
     ws = created_topics
     workers = [processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1) for _ in range(3)]
     await processes.wait_group(ws, ws.group_id, 3)
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(3000, seed=31)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(3000), seed=31)
     kills: list[float] = []
     async with StreamerClient(client_settings) as client:
         load = Load(client, "slow-tiny", inputs, keys=24, rate=150)
@@ -40,7 +40,7 @@ async def test_sigkill_one_of_three_workers_five_times(
         results = await load.results()
         raw = await drain(client_settings, client.reply_to.topic)
     fig = figures(load, results, raw, kills)
-    print("\n" + fig.line("SIGKILL 1 of 3 workers x5"))
+    report(fig.line("SIGKILL 1 of 3 workers x5"), fig)
     assert fig.lost == 0
     assert fig.duplicates_after_dedup == 0
     assert fig.order_violations == 0
@@ -53,7 +53,7 @@ async def test_scale_one_three_one_during_load(
     ws = created_topics
     first = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1)
     await processes.wait_group(ws, ws.group_id, 1)
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(2400, seed=33)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(2400), seed=33)
     events: list[float] = []
     async with StreamerClient(client_settings) as client:
         load = Load(client, "slow-tiny", inputs, keys=24, rate=150)
@@ -71,7 +71,7 @@ async def test_scale_one_three_one_during_load(
         results = await load.results()
         raw = await drain(client_settings, client.reply_to.topic)
     fig = figures(load, results, raw, events)
-    print("\n" + fig.line("scale 1 -> 3 -> 1 workers"))
+    report(fig.line("scale 1 -> 3 -> 1 workers"), fig)
     assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
     assert first.proc.poll() is None
     served = {r.worker for r in results if not isinstance(r, BaseException)}
@@ -85,7 +85,7 @@ async def test_sigstop_past_the_session_timeout_then_sigcont(
     frozen = processes.worker(ws, torch_threads=1)
     processes.worker(ws, torch_threads=1)
     await processes.wait_group(ws, ws.group_id, 2)
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(1800, seed=35)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1800), seed=35)
     async with StreamerClient(client_settings) as client:
         load = Load(client, "tiny-mlp", inputs, keys=24, rate=120)
         publishing = asyncio.create_task(load.run())
@@ -98,7 +98,7 @@ async def test_sigstop_past_the_session_timeout_then_sigcont(
         results = await load.results()
         raw = await drain(client_settings, client.reply_to.topic)
     fig = figures(load, results, raw, [stopped_at])
-    print("\n" + fig.line("SIGSTOP a worker past the session timeout, then SIGCONT"))
+    report(fig.line("SIGSTOP a worker past the session timeout, then SIGCONT"), fig)
     assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
     assert frozen.proc.poll() is None, "the resumed worker must rejoin, not die"
 
