@@ -79,8 +79,9 @@ class MiniLM(Model):
         root = minilm_dir()
         self.tokenizer = load_tokenizer()
         if (root / "model.safetensors").exists():
-            self.encoder = BertModel.from_pretrained(
-                str(root), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False
+            self.encoder = BertModel.from_pretrained(  # safetensors only: never a pickled checkpoint
+                str(root), local_files_only=True, use_safetensors=True, attn_implementation="sdpa",
+                add_pooling_layer=False,
             )
         elif os.environ.get("STREAMER_MINILM_RANDOM_WEIGHTS") == "1":
             # Benchmarks only (a GPU host without the weights): the real architecture, seeded random weights.

@@ -130,3 +130,19 @@ def figures(load: Load, results: list[InferenceResult | BaseException], raw: lis
         order_violations=violations,
         recover_s=max(waits, default=0.0),
     )
+
+
+MODES = ["at-least-once", "exactly-once"]
+
+
+def isolation(mode: str) -> str:
+    """How to count raw results: exactly-once promises hold for read_committed readers."""
+    return "read_committed" if mode == "exactly-once" else "read_uncommitted"
+
+
+def check(fig: Figures, mode: str) -> None:
+    assert fig.lost == 0, fig
+    assert fig.duplicates_after_dedup == 0, fig
+    assert fig.order_violations == 0, fig
+    if mode == "exactly-once":
+        assert fig.duplicates_raw == 0, f"a duplicate committed result in exactly-once mode: {fig}"

@@ -16,7 +16,7 @@ from streamer.broker import LocalKafka, LocalKafkaCluster
 from streamer.models import load_model
 
 from ..helpers import Processes
-from .load import Load, drain, figures, report, scaled
+from .load import MODES, Load, check, drain, figures, isolation, report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -42,15 +42,16 @@ async def cluster() -> AsyncIterator[LocalKafkaCluster]:
         await asyncio.to_thread(c.stop)
 
 
+@pytest.mark.parametrize("mode", MODES)
 async def test_killing_the_request_partition_leader_loses_no_acknowledged_request(
-    cluster: LocalKafkaCluster, processes: Processes
+    mode: str, cluster: LocalKafkaCluster, processes: Processes
 ) -> None:
     """RF 3, min.insync.replicas 2: kill -9 the node leading request partition 0 under load, restart it."""
     names = _names()
     ws = WorkerSettings(bootstrap_servers=cluster.bootstrap_servers, session_timeout_ms=6000, **names)
     await _topics(ws, replication=3)
     for _ in range(2):
-        processes.worker(ws, torch_threads=1)
+        processes.worker(ws, torch_threads=1, delivery=mode)
     await processes.wait_group(ws, ws.group_id, 2)
     cs = ClientSettings(bootstrap_servers=cluster.bootstrap_servers, timeout_s=240,
                         **{k: v for k, v in names.items() if k != "group_id"})
@@ -67,16 +68,17 @@ async def test_killing_the_request_partition_leader_loses_no_acknowledged_reques
         await asyncio.to_thread(victim.start, 120)  # same data, same ports
         await publishing
         results = await load.results()
-        raw = await drain(cs, client.reply_to.topic)
+        raw = await drain(cs, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, [killed_at])
     fig.extra["killed node"] = leader
-    report(fig.line("kill -9 the request-partition leader of 3 (RF 3, min ISR 2)"), fig)
+    report(fig.line(f"kill -9 the request-partition leader of 3 (RF 3, min ISR 2) [{mode}]"), fig, mode=mode)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
-    assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+    check(fig, mode)
 
 
-async def test_single_broker_restart_with_its_data(tmp_path: Path, processes: Processes) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_single_broker_restart_with_its_data(mode: str, tmp_path: Path, processes: Processes) -> None:
     broker = LocalKafka(data_dir=tmp_path / "kafka")
     await asyncio.to_thread(broker.start)
     try:
@@ -84,7 +86,7 @@ async def test_single_broker_restart_with_its_data(tmp_path: Path, processes: Pr
         ws = WorkerSettings(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=6000, **names)
         await _topics(ws, replication=1)
         for _ in range(2):
-            processes.worker(ws, torch_threads=1)
+            processes.worker(ws, torch_threads=1, delivery=mode)
         await processes.wait_group(ws, ws.group_id, 2)
         cs = ClientSettings(bootstrap_servers=broker.bootstrap_servers, timeout_s=240,
                             **{k: v for k, v in names.items() if k != "group_id"})
@@ -99,12 +101,12 @@ async def test_single_broker_restart_with_its_data(tmp_path: Path, processes: Pr
             await asyncio.to_thread(broker.start)
             await publishing
             results = await load.results()
-            raw = await drain(cs, client.reply_to.topic)
+            raw = await drain(cs, client.reply_to.topic, isolation_level=isolation(mode))
         fig = figures(load, results, raw, [down_at])
-        report(fig.line("restart of a single broker with its data"), fig)
+        report(fig.line(f"restart of a single broker with its data [{mode}]"), fig, mode=mode)
         failed = [r for r in results if isinstance(r, BaseException)]
         assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
-        assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+        check(fig, mode)
         assert all(p.proc.poll() is None for p in processes.started), "workers must survive the restart"
     finally:
         await asyncio.to_thread(broker.stop)

@@ -1,4 +1,7 @@
-"""Exactly-once mode: no duplicate committed results, even with crashed and frozen (zombie) workers."""
+"""Exactly-once pipelines: intermediate records and results committed once each.
+
+The single-model fault cases run in both modes (test_worker_faults.py, test_broker_faults.py).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import pytest
 
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings
-from streamer.models import load_model
 
 from ..helpers import Processes
 from .load import Load, drain, figures, report, scaled
@@ -20,60 +22,6 @@ from .load import Load, drain, figures, report, scaled
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 EOS = {"delivery": "exactly-once", "torch_threads": 1}
-
-
-async def test_exactly_once_under_sigkill(
-    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
-) -> None:
-    ws = created_topics
-    workers = [processes.worker(ws, "--model", "tests.fault_models:slow_tiny", **EOS) for _ in range(2)]
-    await processes.wait_group(ws, ws.group_id, 2)
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1500), seed=51)
-    kills: list[float] = []
-    async with StreamerClient(client_settings) as client:
-        load = Load(client, "slow-tiny", inputs, keys=16, rate=120)
-        publishing = asyncio.create_task(load.run())
-        for n in range(2):
-            await asyncio.sleep(3)
-            workers[n].signal(signal.SIGKILL)
-            kills.append(time.monotonic())
-            await asyncio.to_thread(workers[n].proc.wait)
-            workers[n] = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", **EOS)
-        await publishing
-        results = await load.results()
-        raw = await drain(client_settings, client.reply_to.topic, isolation_level="read_committed")
-    fig = figures(load, results, raw, kills)
-    report(fig.line("exactly-once: SIGKILL 1 of 2 workers x2 (read_committed)"), fig, mode="exactly-once")
-    assert fig.lost == 0 and fig.duplicates_raw == 0 and fig.order_violations == 0
-
-
-async def test_exactly_once_hides_a_zombies_late_writes(
-    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
-) -> None:
-    ws = created_topics.model_copy(update={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000})
-    frozen = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", **EOS)
-    processes.worker(ws, "--model", "tests.fault_models:slow_tiny", **EOS)
-    await processes.wait_group(ws, ws.group_id, 2)
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1500), seed=53)
-    async with StreamerClient(client_settings) as client:
-        load = Load(client, "slow-tiny", inputs, keys=16, rate=120)
-        publishing = asyncio.create_task(load.run())
-        await asyncio.sleep(3)
-        frozen.signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        await asyncio.sleep(9)  # past the session timeout: its partitions and transactional ids move on
-        frozen.signal(signal.SIGCONT)
-        await publishing
-        results = await load.results()
-        await asyncio.sleep(3)  # give the zombie time to try its late writes
-        raw = await drain(client_settings, client.reply_to.topic, isolation_level="read_committed")
-        uncommitted = await drain(client_settings, client.reply_to.topic)
-    fig = figures(load, results, raw, [stopped_at])
-    fig.extra["records incl. aborted"] = len(uncommitted)
-    report(fig.line("exactly-once: SIGSTOP past the session timeout, then SIGCONT (read_committed)"), fig,
-           mode="exactly-once")
-    assert fig.lost == 0 and fig.duplicates_raw == 0 and fig.order_violations == 0
-    assert frozen.proc.poll() is None
 
 
 async def test_exactly_once_pipeline_writes_intermediate_records_in_the_transaction(

@@ -13,16 +13,19 @@ from streamer import ClientSettings, WorkerSettings
 from streamer.models import load_model
 
 from ..helpers import Processes
-from .load import Load, drain, figures, report, scaled
+from .load import MODES, Load, check, drain, figures, isolation, report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
+SLOW = ("--model", "tests.fault_models:slow_tiny")  # tiny-mlp sleeping 40 ms per batch
 
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_sigkill_one_of_three_workers_five_times(
-    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+    mode: str, created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics
-    workers = [processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1) for _ in range(3)]
+    workers = [processes.worker(ws, *SLOW, torch_threads=1, delivery=mode) for _ in range(3)]
     await processes.wait_group(ws, ws.group_id, 3)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(3000), seed=31)
     kills: list[float] = []
@@ -35,23 +38,22 @@ async def test_sigkill_one_of_three_workers_five_times(
             victim.signal(signal.SIGKILL)  # the model sleeps 40 ms per batch: this lands mid-batch
             kills.append(time.monotonic())
             await asyncio.to_thread(victim.proc.wait)
-            workers[n % 3] = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1)
+            workers[n % 3] = processes.worker(ws, *SLOW, torch_threads=1, delivery=mode)
         await publishing
         results = await load.results()
-        raw = await drain(client_settings, client.reply_to.topic)
+        raw = await drain(client_settings, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, kills)
-    report(fig.line("SIGKILL 1 of 3 workers x5"), fig)
-    assert fig.lost == 0
-    assert fig.duplicates_after_dedup == 0
-    assert fig.order_violations == 0
+    report(fig.line(f"SIGKILL 1 of 3 workers x5 [{mode}]"), fig, mode=mode)
+    check(fig, mode)
     assert all(not isinstance(r, BaseException) and r.status == "ok" for r in results)
 
 
+@pytest.mark.parametrize("mode", MODES)
 async def test_scale_one_three_one_during_load(
-    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+    mode: str, created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics
-    first = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1)
+    first = processes.worker(ws, *SLOW, torch_threads=1, delivery=mode)
     await processes.wait_group(ws, ws.group_id, 1)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(2400), seed=33)
     events: list[float] = []
@@ -59,7 +61,7 @@ async def test_scale_one_three_one_during_load(
         load = Load(client, "slow-tiny", inputs, keys=24, rate=150)
         publishing = asyncio.create_task(load.run())
         await asyncio.sleep(3)
-        extra = [processes.worker(ws, "--model", "tests.fault_models:slow_tiny", torch_threads=1) for _ in range(2)]
+        extra = [processes.worker(ws, *SLOW, torch_threads=1, delivery=mode) for _ in range(2)]
         events.append(time.monotonic())
         await processes.wait_group(ws, ws.group_id, 3)
         await asyncio.sleep(3)
@@ -69,21 +71,22 @@ async def test_scale_one_three_one_during_load(
         assert all(code == 0 for code in await asyncio.gather(*(asyncio.to_thread(p.proc.wait) for p in extra)))
         await publishing
         results = await load.results()
-        raw = await drain(client_settings, client.reply_to.topic)
+        raw = await drain(client_settings, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, events)
-    report(fig.line("scale 1 -> 3 -> 1 workers"), fig)
-    assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+    report(fig.line(f"scale 1 -> 3 -> 1 workers [{mode}]"), fig, mode=mode)
+    check(fig, mode)
     assert first.proc.poll() is None
     served = {r.worker for r in results if not isinstance(r, BaseException)}
     assert len(served) == 3, f"all three workers should have served: {served}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 async def test_sigstop_past_the_session_timeout_then_sigcont(
-    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+    mode: str, created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics.model_copy(update={"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000})
-    frozen = processes.worker(ws, torch_threads=1)
-    processes.worker(ws, torch_threads=1)
+    frozen = processes.worker(ws, torch_threads=1, delivery=mode)
+    processes.worker(ws, torch_threads=1, delivery=mode)
     await processes.wait_group(ws, ws.group_id, 2)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1800), seed=35)
     async with StreamerClient(client_settings) as client:
@@ -96,10 +99,10 @@ async def test_sigstop_past_the_session_timeout_then_sigcont(
         frozen.signal(signal.SIGCONT)
         await publishing
         results = await load.results()
-        raw = await drain(client_settings, client.reply_to.topic)
+        raw = await drain(client_settings, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, [stopped_at])
-    report(fig.line("SIGSTOP a worker past the session timeout, then SIGCONT"), fig)
-    assert fig.lost == 0 and fig.duplicates_after_dedup == 0 and fig.order_violations == 0
+    report(fig.line(f"SIGSTOP a worker past the session timeout, then SIGCONT [{mode}]"), fig, mode=mode)
+    check(fig, mode)
     assert frozen.proc.poll() is None, "the resumed worker must rejoin, not die"
 
 
