@@ -36,8 +36,11 @@ class TransactionalProducers:
     async def get(self, tp: TopicPartition) -> AIOKafkaProducer:
         producer = self._producers.get(tp)
         if producer is None:
+            # A short transaction timeout bounds how long a frozen owner's open transaction can hold
+            # back read_committed readers when nothing else aborts it.
             producer = kafka.producer(self.settings, transactional_id=self.transactional_id(tp),
-                                      client_id=f"{self.settings.client_id}-txn-{self.worker}")
+                                      client_id=f"{self.settings.client_id}-txn-{self.worker}",
+                                      transaction_timeout_ms=max(10_000, 2 * self.settings.session_timeout_ms))
             async with kafka.translated_errors(self.settings):
                 await producer.start()  # fences any older producer of this id and aborts its open transaction
             self._producers[tp] = producer

@@ -112,6 +112,18 @@ def admin_client(settings: KafkaSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(client_id=f"{settings.client_id}-admin", **kw)
 
 
+@contextlib.asynccontextmanager
+async def _admin(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on exit; connection failures come out as streamer errors."""
+    admin = admin_client(settings)
+    async with translated_errors(settings):
+        await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
@@ -123,10 +135,7 @@ class TopicSpec:
 async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created."""
     wanted = {s.name: s for s in specs}
-    admin = admin_client(settings)
-    async with translated_errors(settings):
-        await admin.start()
-    try:
+    async with _admin(settings) as admin:
         existing = set(await admin.list_topics())
         missing = [s for n, s in wanted.items() if n not in existing]
         if not missing:
@@ -138,17 +147,11 @@ async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> 
             await admin.create_topics(new)
         await _wait_listed(admin, [s.name for s in missing])
         return [s.name for s in missing]
-    finally:
-        await admin.close()
 
 
 async def wait_for_topics(settings: KafkaSettings, names: Iterable[str], timeout_s: float = 30.0) -> None:
-    admin = admin_client(settings)
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         await asyncio.wait_for(_wait_listed(admin, list(names)), timeout_s)
-    finally:
-        await admin.close()
 
 
 async def _wait_listed(admin: AIOKafkaAdminClient, names: list[str]) -> None:
@@ -162,22 +165,14 @@ async def _wait_listed(admin: AIOKafkaAdminClient, names: list[str]) -> None:
 
 
 async def delete_topics(settings: KafkaSettings, names: Iterable[str]) -> None:
-    admin = admin_client(settings)
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         await admin.delete_topics(list(names))
-    finally:
-        await admin.close()
 
 
 async def describe_group(settings: KafkaSettings, group_id: str) -> tuple[str, list[str]]:
     """The group's state (``Stable``, ``PreparingRebalance``, ``Empty``, ...) and its member client ids."""
-    admin = admin_client(settings)
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         response = await admin.describe_consumer_groups([group_id])
-    finally:
-        await admin.close()
     _err, _group, state, _ptype, _proto, members = response[0].groups[0]
     return str(state), [str(m[1]) for m in members]
 
@@ -208,10 +203,6 @@ async def wait_for_group(
 
 async def partition_leaders(settings: KafkaSettings, topic: str) -> dict[int, int]:
     """Partition -> the node id that leads it (-1 while none does)."""
-    admin = admin_client(settings)
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         topics = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
     return {int(p["partition"]): int(p["leader"]) for t in topics for p in t["partitions"]}
