@@ -37,6 +37,7 @@ from producers import request_headers  # noqa: E402
 from schemas import Codec, InferenceRequest, ReplyTo  # noqa: E402
 from streamer import WorkerSettings, kafka  # noqa: E402
 from streamer.broker import LocalKafka  # noqa: E402
+from streamer.config import settings_env  # noqa: E402
 from streamer.models import load_model  # noqa: E402
 
 BATCH = 32
@@ -76,7 +77,7 @@ class Run:
                                       kafka.TopicSpec(s.dead_letter_topic, 1)])
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if self.variant.startswith("streamer"):
-            env.update({f"STREAMER_{k.upper()}": str(v) for k, v in s.model_dump(exclude_none=True).items()})
+            env.update(settings_env(s))
             cmd = [sys.executable, "-m", "streamer", "--log-level", "WARNING", "worker"]
         else:
             cmd = [sys.executable, str(ROOT / "bench" / "naive_loop.py"), s.bootstrap_servers, s.request_topic,

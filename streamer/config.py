@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -9,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
 
-__all__ = ["ClientSettings", "KafkaSettings", "WorkerSettings", "load_settings"]
+__all__ = ["ClientSettings", "KafkaSettings", "WorkerSettings", "load_settings", "settings_env"]
 
 _S = TypeVar("_S", bound="KafkaSettings")
 
@@ -89,3 +90,18 @@ def load_settings(cls: type[_S], **overrides: Any) -> _S:
             where = f" (--{name.replace('_', '-')} or STREAMER_{name.upper()})" if name else ""
             lines.append(f"invalid setting {name or '<settings>'}{where}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def settings_env(settings: KafkaSettings, fields: Iterable[str] | None = None) -> dict[str, str]:
+    """The ``STREAMER_*`` environment that gives a child process these settings (secrets included).
+
+    ``fields`` limits it to those names (say, ``WorkerSettings.model_fields`` for a worker).
+    """
+    wanted = set(fields) if fields is not None else None
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if wanted is not None and name not in wanted:
+            continue
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        env[f"STREAMER_{name.upper()}"] = text
+    return env

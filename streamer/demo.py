@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ClientSettings, WorkerSettings, load_settings
+from .config import ClientSettings, WorkerSettings, load_settings, settings_env
 
 __all__ = ["WorkerProcess", "run_demo"]
 
@@ -74,10 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in vars(args).items() if v is not None}
         wsettings = load_settings(WorkerSettings, **{k: v for k, v in overrides.items()
                                                     if k in WorkerSettings.model_fields})
-        env = {f"STREAMER_{k.upper()}": str(v) for k, v in wsettings.model_dump(exclude_none=True).items()
-               if k in WorkerSettings.model_fields and not k.startswith("sasl_password")}
-        if wsettings.sasl_password is not None:
-            env["STREAMER_SASL_PASSWORD"] = wsettings.sasl_password.get_secret_value()
+        env = settings_env(wsettings)
         import uvloop
 
         return uvloop.run(_demo(args, wsettings, env, workdir, workers, console))

@@ -11,17 +11,14 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 
-from streamer import kafka
+from streamer import config, kafka
 from streamer.config import KafkaSettings, WorkerSettings
 from streamer.demo import WorkerProcess
 
 
 def settings_env(settings: KafkaSettings, **extra: Any) -> dict[str, str]:
     """The STREAMER_* environment a user would export for these settings (UPPER-case extras pass as they are)."""
-    env = {f"STREAMER_{k.upper()}": str(v) for k, v in settings.model_dump(exclude_none=True).items()
-           if k in WorkerSettings.model_fields and k != "sasl_password"}
-    if settings.sasl_password is not None:
-        env["STREAMER_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
+    env = config.settings_env(settings, WorkerSettings.model_fields)
     env.update({k if k.isupper() else f"STREAMER_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 
