@@ -51,7 +51,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["broker"], ["topics"], ["topics", "create"], ["worker"], ["publish"], ["results"], ["demo"]],
+    [[], ["broker"], ["topics"], ["topics", "create"], ["worker"], ["publish"], ["results"], ["demo"],
+     ["pipeline"], ["pipeline", "show"], ["pipeline", "create"], ["stage"]],
 )
 def test_every_command_has_help(command: list[str]) -> None:
     out = _cli(*command, "--help")
