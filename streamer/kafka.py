@@ -28,7 +28,6 @@ __all__ = [
     "producer",
     "translated_errors",
     "wait_for_group",
-    "wait_for_topics",
 ]
 
 
@@ -147,11 +146,6 @@ async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> 
             await admin.create_topics(new)
         await _wait_listed(admin, [s.name for s in missing])
         return [s.name for s in missing]
-
-
-async def wait_for_topics(settings: KafkaSettings, names: Iterable[str], timeout_s: float = 30.0) -> None:
-    async with _admin(settings) as admin:
-        await asyncio.wait_for(_wait_listed(admin, list(names)), timeout_s)
 
 
 async def _wait_listed(admin: AIOKafkaAdminClient, names: list[str]) -> None:

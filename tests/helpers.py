@@ -44,6 +44,13 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    async def group(self, settings: WorkerSettings, n: int, *args: str, members: int | None = None,
+                    **extra: Any) -> list[WorkerProcess]:
+        """Start ``n`` workers and wait until the group is stable with ``members`` (default ``n``) members."""
+        started = [self.worker(settings, *args, **extra) for _ in range(n)]
+        await self.wait_group(settings, settings.group_id, n if members is None else members)
+        return started
+
     async def wait_group(self, settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 180) -> None:
         """Wait for the group to be stable with ``members`` members; fail at once if a process died."""
         await kafka.wait_for_group(settings, group_id, members, timeout_s, check=self.check_alive)

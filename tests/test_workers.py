@@ -56,9 +56,7 @@ async def test_two_workers_exactly_one_result_each_in_key_order(
     created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics
-    for _ in range(2):
-        processes.worker(ws)
-    await kafka.wait_for_group(ws, ws.group_id, 2, timeout_s=120)
+    await processes.group(ws, 2)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(2000, seed=1)
     async with StreamerClient(client_settings) as client:
         futures, arrived = await _publish_keyed(client, inputs, keys=40)
@@ -74,14 +72,11 @@ async def test_late_joiner_takes_partitions_and_nothing_is_lost(
     created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics
-    for _ in range(2):
-        processes.worker(ws)
-    await kafka.wait_for_group(ws, ws.group_id, 2, timeout_s=120)
+    await processes.group(ws, 2)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(1500, seed=2)
     async with StreamerClient(client_settings) as client:
         first, arrived = await _publish_keyed(client, inputs[:500], keys=30, pace_s=0.002)
-        processes.worker(ws)  # the late joiner
-        await kafka.wait_for_group(ws, ws.group_id, 3, timeout_s=120)
+        await processes.group(ws, 1, members=3)  # the late joiner
         second, _ = await _publish_keyed(client, inputs[500:], keys=30, pace_s=0.001, start=500, arrived=arrived)
         results = list(await asyncio.gather(*first, *second))
     assert len({r.id for r in results}) == len(inputs)
@@ -97,8 +92,7 @@ async def test_sigterm_finishes_in_flight_commits_and_leaves(
     ws = created_topics
     # A slow model and a small buffer: when SIGTERM lands, a batch is running and the queue is full.
     slow = {"max_batch_size": 4, "max_buffered": 8, "shutdown_timeout_s": 300}
-    w = processes.worker(ws, "--model", "tests.fault_models:slow_tiny", **slow)
-    await kafka.wait_for_group(ws, ws.group_id, 1, timeout_s=120)
+    [w] = await processes.group(ws, 1, "--model", "tests.fault_models:slow_tiny", **slow)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(300, seed=3)
     async with StreamerClient(client_settings) as client:
         futures, _ = await _publish_keyed(client, inputs, keys=10, model="slow-tiny")

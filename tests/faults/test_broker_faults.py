@@ -50,9 +50,7 @@ async def test_killing_the_request_partition_leader_loses_no_acknowledged_reques
     names = _names()
     ws = WorkerSettings(bootstrap_servers=cluster.bootstrap_servers, session_timeout_ms=6000, **names)
     await _topics(ws, replication=3)
-    for _ in range(2):
-        processes.worker(ws, torch_threads=1, delivery=mode)
-    await processes.wait_group(ws, ws.group_id, 2)
+    await processes.group(ws, 2, torch_threads=1, delivery=mode)
     cs = ClientSettings(bootstrap_servers=cluster.bootstrap_servers, timeout_s=240,
                         **{k: v for k, v in names.items() if k != "group_id"})
     inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1500), seed=41)
@@ -85,9 +83,7 @@ async def test_single_broker_restart_with_its_data(mode: str, tmp_path: Path, pr
         names = _names()
         ws = WorkerSettings(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=6000, **names)
         await _topics(ws, replication=1)
-        for _ in range(2):
-            processes.worker(ws, torch_threads=1, delivery=mode)
-        await processes.wait_group(ws, ws.group_id, 2)
+        await processes.group(ws, 2, torch_threads=1, delivery=mode)
         cs = ClientSettings(bootstrap_servers=broker.bootstrap_servers, timeout_s=240,
                             **{k: v for k, v in names.items() if k != "group_id"})
         inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(1200), seed=43)

@@ -25,8 +25,7 @@ async def test_sigkill_one_of_three_workers_five_times(
     mode: str, created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
     ws = created_topics
-    workers = [processes.worker(ws, *SLOW, torch_threads=1, delivery=mode) for _ in range(3)]
-    await processes.wait_group(ws, ws.group_id, 3)
+    workers = await processes.group(ws, 3, *SLOW, torch_threads=1, delivery=mode)
     inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(3000), seed=31)
     kills: list[float] = []
     async with StreamerClient(client_settings) as client:
@@ -61,9 +60,8 @@ async def test_scale_one_three_one_during_load(
         load = Load(client, "slow-tiny", inputs, keys=24, rate=150)
         publishing = asyncio.create_task(load.run())
         await asyncio.sleep(3)
-        extra = [processes.worker(ws, *SLOW, torch_threads=1, delivery=mode) for _ in range(2)]
         events.append(time.monotonic())
-        await processes.wait_group(ws, ws.group_id, 3)
+        extra = await processes.group(ws, 2, *SLOW, members=3, torch_threads=1, delivery=mode)
         await asyncio.sleep(3)
         for p in extra:
             p.signal(signal.SIGTERM)  # scale back down the way an orchestrator does
