@@ -14,8 +14,8 @@ STREAMER_MINILM_RANDOM_WEIGHTS=1: the architecture and tokenizer are real, the w
 as in ../shared/anchors.md. bench/gpu/prepare.sh builds that folder and the wheels to carry;
 bench/gpu/run.sh runs this on the device.
 
-Usage: python bench/gpu_pipeline.py [--tokenizers 8] [--batch 512] [--requests 40000] [--device cuda]
-                                    [--dtype float16] [--out FILE]
+Usage: python bench/gpu_pipeline.py [--tokenizers 8] [--encoders 1] [--batch 512] [--requests 40000]
+                                    [--device cuda] [--dtype float16] [--out FILE] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ async def publish(settings: WorkerSettings, topic: str, reply: str, sentences: l
     return len(sentences) / (time.perf_counter() - t)
 
 
-async def collect(settings: WorkerSettings, topic: str, n: int, timeout_s: float) -> tuple[float, int]:
-    """Sentences/s from the first result to the last, and how many were not ok."""
+async def collect(settings: WorkerSettings, topic: str, n: int, timeout_s: float,
+                  started: asyncio.Event) -> tuple[float, int]:
+    """Sentences/s from the first result to the last, and how many were not ok; ``started`` is set at the first."""
     consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest",
                               fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
     await consumer.start()
@@ -104,6 +105,7 @@ async def collect(settings: WorkerSettings, topic: str, n: int, timeout_s: float
                 for records in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
                     now = time.perf_counter()
                     first = first or now
+                    started.set()
                     for r in records:
                         result = codec.decode_result(r.value)
                         if result.id not in seen:
@@ -161,6 +163,7 @@ async def spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subp
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizers", type=int, default=8, help="tokenize processes")
+    ap.add_argument("--encoders", type=int, default=1, help="encode processes sharing the device")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--requests", type=int, default=40_000)
     ap.add_argument("--device", default="cuda")
@@ -169,6 +172,8 @@ async def main() -> None:
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--broker", choices=["auto", "tansu"], default="auto", help="auto: Kafka when Java is present")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_pipeline.json"))
+    ap.add_argument("--logs", help="archive each stage's log (INFO, stats every 2 s) to LOGS.tar.gz, with a "
+                                   "py-spy profile of the encode stage when py-spy is on PATH")
     args = ap.parse_args()
 
     import torch
@@ -193,14 +198,24 @@ async def main() -> None:
         ])
         publish_rate = await publish(settings, spec.input_topic("tokenize"), results, sentences)
         print(f"published {args.requests} requests at {publish_rate:,.0f}/s", flush=True)
-        env = {"STREAMER_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMER_MAX_BUFFERED": str(4 * args.batch)}
-        collector = asyncio.create_task(collect(settings, results, args.requests, args.timeout_s))
-        tokenize = ["--log-level", "WARNING", "stage", str(path), "--stage", "tokenize"]
+        env = {"STREAMER_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMER_MAX_BUFFERED": str(4 * args.batch),
+               "STREAMER_STATS_INTERVAL_S": "2"}
+        level = "INFO" if args.logs else "WARNING"
+        started = asyncio.Event()
+        collector = asyncio.create_task(collect(settings, results, args.requests, args.timeout_s, started))
+        tokenize = ["--log-level", level, "stage", str(path), "--stage", "tokenize"]
         procs += [await spawn(tokenize, {**env, "STREAMER_TORCH_THREADS": "1"}, work / f"tokenize-{i}.log")
                   for i in range(args.tokenizers)]
-        procs.append(await spawn(["--log-level", "WARNING", "stage", str(path), "--stage", "encode"], env,
-                                 work / "encode.log"))
+        procs += [await spawn(["--log-level", level, "stage", str(path), "--stage", "encode"], env,
+                              work / f"encode-{i}.log") for i in range(args.encoders)]
+        profilers = []
+        if args.logs and shutil.which("py-spy"):
+            waiter = asyncio.ensure_future(started.wait())
+            await asyncio.wait([collector, waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            profilers = await profile(procs[-1], work=work)
         pipeline_rate, not_ok = await collector
+        await asyncio.gather(*(p.wait() for p in profilers))
     finally:
         for p in procs:
             if p.returncode is None:
@@ -208,16 +223,29 @@ async def main() -> None:
         await asyncio.gather(*(p.wait() for p in procs))
         broker.stop()
         report_failures(work)
+        if args.logs:
+            shutil.make_archive(args.logs, "gztar", work)  # one file: the device returns a limited count
     bare = bare_encoder(sentences[: min(len(sentences), 20 * args.batch)], args.batch, args.device, args.dtype)
     out = {
         "gpu": gpu, "device": args.device, "dtype": args.dtype, "batch": args.batch, "tokenizers": args.tokenizers,
-        "requests": args.requests, "broker": broker_kind, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+        "encoders": args.encoders, "requests": args.requests, "broker": broker_kind, "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
         "weights": "random" if os.environ.get("STREAMER_MINILM_RANDOM_WEIGHTS") == "1" else "real",
         "pipeline_sentences_per_s": pipeline_rate, "bare_encoder_sentences_per_s": bare,
         "ratio_pipeline_over_bare": pipeline_rate / bare, "not_ok": not_ok, "publish_rate": publish_rate,
     }
     write_json(Path(args.out), out)
     print(json.dumps(out, indent=2))
+
+
+async def profile(*targets: asyncio.subprocess.Process, work: Path, delay_s: float = 2,
+                  duration_s: int = 10) -> list[asyncio.subprocess.Process]:
+    """py-spy (collapsed stacks, idle frames left out) of each target for duration_s, after delay_s."""
+    await asyncio.sleep(delay_s)
+    return [await asyncio.create_subprocess_exec(
+        "py-spy", "record", "--pid", str(p.pid), "--duration", str(duration_s), "--rate", "200", "--format", "raw",
+        "--output", str(work / f"profile-{i}.txt"), stdout=asyncio.subprocess.DEVNULL,
+        stderr=(work / f"profile-{i}.err").open("wb")) for i, p in enumerate(targets)]
 
 
 def report_failures(work: Path) -> None:

@@ -93,7 +93,8 @@ class Worker:
             max_poll_records=settings.max_batch_size,
             isolation_level="read_committed",  # never read what an aborted transaction wrote
         )
-        self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}")
+        self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}",
+                                        max_batch_size=settings.producer_batch_bytes)
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp])
         self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
 

@@ -65,6 +65,11 @@ class WorkerSettings(KafkaSettings):
     stats_interval_s: float = Field(default=10.0, gt=0, description="how often the worker logs its figures")
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger requests are rejected")
     max_tensor_elements: int = Field(default=16 * 1024 * 1024, ge=1)
+    producer_batch_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=1_000_000,
+        description="bytes per partition per produce request; aiokafka keeps one request in flight per "
+                    "partition, so large outputs (embeddings) need room for many per batch",
+    )
 
 
 class ClientSettings(KafkaSettings):
