@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
+from .partitioners import PartitionerName
 
 __all__ = ["ClientSettings", "KafkaSettings", "WorkerSettings", "load_settings", "settings_env"]
 
@@ -30,6 +31,9 @@ class KafkaSettings(BaseSettings):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     idempotence: bool = Field(default=True, description="idempotent producers; off only for brokers without them")
+    partitioner: PartitionerName = Field(
+        default="murmur2", description="where producers put records without a partition (see streamer.partitioners)"
+    )
     request_topic: str = Field(default="streamer.requests", min_length=1, max_length=249)
     results_topic: str = Field(default="streamer.results", min_length=1, max_length=249)
     dead_letter_topic: str = Field(default="streamer.dead-letters", min_length=1, max_length=249)

@@ -15,6 +15,7 @@ from aiokafka.helpers import create_ssl_context
 
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError
+from .partitioners import make_partitioner
 
 __all__ = [
     "TopicSpec",
@@ -94,6 +95,7 @@ def producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     """
     kw: dict[str, Any] = {
         **client_kwargs(settings), "acks": "all", "enable_idempotence": settings.idempotence, "linger_ms": 0,
+        "partitioner": make_partitioner(settings.partitioner),
     }
     kw.update(overrides)
     return AIOKafkaProducer(**kw)
