@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,6 +71,19 @@ class BatchRunner:
     def warm_up(self) -> None:
         with contextlib.suppress(NotImplementedError):
             self.model.run([self.model.validate(x) for x in self.model.example_inputs(2)])
+
+    def measure_capacity(self, batch_size: int, repeats: int = 3) -> float | None:
+        """Items/s of the model at ``batch_size`` on its example inputs (best of ``repeats``); None if it has none."""
+        try:
+            inputs = [self.model.validate(x) for x in self.model.example_inputs(batch_size)]
+        except NotImplementedError:
+            return None
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.model.run(inputs)
+            best = min(best, time.perf_counter() - t)
+        return batch_size / max(best, 1e-9)
 
     async def run(self, batch: list[Item]) -> list[Outcome]:
         """One outcome per item, in the batch's order."""

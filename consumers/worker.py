@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from schemas import Codec, Limits, RoutingHeaders, WireError
 from streamer import kafka
+from streamer.assignors import assignors
 from streamer.batching import BatchPolicy, BatchQueue
 from streamer.config import WorkerSettings
 from streamer.models import Model, load_model
@@ -83,9 +84,14 @@ class Worker:
         self._room = asyncio.Event()  # set when the process loop takes a batch off the queue
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
+        self.capacity = settings.capacity  # items/s advertised to the capacity assignor; measured when None
+        self._measured: float | None = None
         self._consumer = kafka.consumer(
             settings,
             group_id=settings.group_id,
+            group_instance_id=settings.group_instance_id,
+            partition_assignment_strategy=assignors(settings.assignor, self._advertised_capacity,
+                                                    settings.group_instance_id or self.name),
             client_id=f"{settings.client_id}-worker-{self.name}",
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
@@ -98,6 +104,10 @@ class Worker:
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp])
         self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
 
+    def _advertised_capacity(self) -> float:
+        """Items/s of model time: the configured figure, else the latest measure (0: unknown)."""
+        return self.capacity or self._measured or 0.0
+
     @property
     def stats(self) -> RunStats:
         return self.runner.stats
@@ -106,6 +116,9 @@ class Worker:
     async def start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
+            if self.capacity is None and self.settings.assignor == "capacity":
+                self._measured = await asyncio.get_running_loop().run_in_executor(
+                    None, self.runner.measure_capacity, self.policy.max_batch_size)
             self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
             async with kafka.translated_errors(self.settings):
                 await self._producer.start()
@@ -121,9 +134,13 @@ class Worker:
             asyncio.create_task(self._process_loop(), name="streamer-process"),
         ]
         self._reporter = asyncio.create_task(self._report_loop(), name="streamer-report")
-        log.info("worker %s serving %s (%s v%s) on %s (group %s, batch %d, wait %g ms)", self.name, self.describe(),
-                 self.model.name, self.model.version, self.settings.request_topic, self.settings.group_id,
-                 self.policy.max_batch_size, self.policy.max_wait_ms)
+        capacity = ""
+        if self.settings.assignor == "capacity":
+            capacity = f", capacity {self._advertised_capacity():,.0f} items/s"
+        log.info("worker %s serving %s (%s v%s) on %s (group %s, batch %d, wait %g ms, assignor %s%s)", self.name,
+                 self.describe(), self.model.name, self.model.version, self.settings.request_topic,
+                 self.settings.group_id, self.policy.max_batch_size, self.policy.max_wait_ms, self.settings.assignor,
+                 capacity)
 
     def request_stop(self) -> None:
         """Stop fetching; the batch in flight finishes and is committed (used by SIGTERM)."""
@@ -191,7 +208,19 @@ class Worker:
                     now.ok - prev.ok, now.errors - prev.errors, now.expired - prev.expired,
                     now.dead_letters - prev.dead_letters, len(self._queue),
                 )
+            self._update_capacity(now, prev)
             prev = dataclasses.replace(now)
+
+    def _update_capacity(self, now: RunStats, prev: RunStats) -> None:
+        """Follow the measured items/s of model time while batches run at least half full.
+
+        The figure goes out at the group's next rebalance; light load (small batches) says nothing.
+        """
+        items, batches = now.items - prev.items, now.batches - prev.batches
+        busy_s = (now.inference_ms_total - prev.inference_ms_total) / 1000
+        if batches and busy_s > 0 and items / batches >= self.policy.max_batch_size / 2:
+            rate = items / busy_s
+            self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
 
     # -- rebalance ---------------------------------------------------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -52,6 +52,11 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    help="records held before fetching pauses (0: 4 x batch)")
     g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"],
                    help="exactly-once writes results and offsets in one Kafka transaction")
+    g.add_argument("--assignor", default=None, choices=["range", "round-robin", "capacity"],
+                   help="how the group shares out partitions (capacity: in proportion to measured throughput)")
+    g.add_argument("--capacity", default=None, help="items/s to advertise to the capacity assignor (default: measured)")
+    g.add_argument("--group-instance-id", dest="group_instance_id", default=None,
+                   help="static membership: a restart within the session timeout triggers no rebalance")
 
 
 def _overrides(args: argparse.Namespace, cls: type[KafkaSettings]) -> dict[str, Any]:
@@ -165,6 +170,23 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return 0
 
     return _run(publish())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .status import group_status, render
+
+    settings = _settings(args, KafkaSettings)
+    status = _run(group_status(settings, args.group, args.topic or None))
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+    elif status.state == "Dead" and not status.partitions:
+        print(f"group {args.group} has no members and no committed offsets", file=sys.stderr)
+        return 1
+    else:
+        Console(width=max(160, Console().width)).print(render(status))
+    return 0
 
 
 def _request_from_json(line: str, default_model: str | None, reply: Any) -> Any:
@@ -322,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="stop after this many results")
     p.add_argument("--timeout-s", type=float, default=None, help="give up (exit 1) after this long")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("status", help="a consumer group's members, partitions and lag")
+    p.add_argument("group", help="consumer group id (workers: STREAMER_GROUP_ID, stages: <pipeline>.<stage>)")
+    _add_kafka(p)
+    p.add_argument("--topic", action="append", default=[], help="also show this topic's lag (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("pipeline", help="pipelines of stages chained by topics")
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

@@ -8,6 +8,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .assignors import AssignorName
 from .errors import ConfigError
 from .partitioners import PartitionerName
 
@@ -61,6 +62,16 @@ class WorkerSettings(KafkaSettings):
     max_batch_size: int = Field(default=32, ge=1, le=65536)
     max_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
     max_buffered: int = Field(default=0, ge=0, description="records held before pausing fetch; 0 = 4 x batch")
+    assignor: AssignorName = Field(
+        default="round-robin", description="how the group shares out partitions: range, round-robin, capacity"
+    )
+    capacity: float | None = Field(
+        default=None, gt=0, description="items/s this worker advertises to the capacity assignor; default: measured"
+    )
+    group_instance_id: str | None = Field(
+        default=None, min_length=1, description="static membership: a restart within the session timeout keeps "
+                                                "the partitions, with no rebalance",
+    )
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)

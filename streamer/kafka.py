@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
@@ -19,12 +19,14 @@ from .partitioners import make_partitioner
 
 __all__ = [
     "TopicSpec",
+    "admin",
     "admin_client",
     "client_kwargs",
     "consumer",
     "delete_topics",
     "describe_group",
     "ensure_topics",
+    "offset_bounds",
     "partition_leaders",
     "producer",
     "translated_errors",
@@ -114,15 +116,15 @@ def admin_client(settings: KafkaSettings) -> AIOKafkaAdminClient:
 
 
 @contextlib.asynccontextmanager
-async def _admin(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+async def admin(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
     """A started admin client, closed on exit; connection failures come out as streamer errors."""
-    admin = admin_client(settings)
+    client = admin_client(settings)
     async with translated_errors(settings):
-        await admin.start()
+        await client.start()
     try:
-        yield admin
+        yield client
     finally:
-        await admin.close()
+        await client.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +138,8 @@ class TopicSpec:
 async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created."""
     wanted = {s.name: s for s in specs}
-    async with _admin(settings) as admin:
-        existing = set(await admin.list_topics())
+    async with admin(settings) as client:
+        existing = set(await client.list_topics())
         missing = [s for n, s in wanted.items() if n not in existing]
         if not missing:
             return []
@@ -145,8 +147,8 @@ async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> 
             NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=dict(s.config)) for s in missing
         ]
         with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won the race
-            await admin.create_topics(new)
-        await _wait_listed(admin, [s.name for s in missing])
+            await client.create_topics(new)
+        await _wait_listed(client, [s.name for s in missing])
         return [s.name for s in missing]
 
 
@@ -161,14 +163,14 @@ async def _wait_listed(admin: AIOKafkaAdminClient, names: list[str]) -> None:
 
 
 async def delete_topics(settings: KafkaSettings, names: Iterable[str]) -> None:
-    async with _admin(settings) as admin:
-        await admin.delete_topics(list(names))
+    async with admin(settings) as client:
+        await client.delete_topics(list(names))
 
 
 async def describe_group(settings: KafkaSettings, group_id: str) -> tuple[str, list[str]]:
     """The group's state (``Stable``, ``PreparingRebalance``, ``Empty``, ...) and its member client ids."""
-    async with _admin(settings) as admin:
-        response = await admin.describe_consumer_groups([group_id])
+    async with admin(settings) as client:
+        response = await client.describe_consumer_groups([group_id])
     _err, _group, state, _ptype, _proto, members = response[0].groups[0]
     return str(state), [str(m[1]) for m in members]
 
@@ -199,6 +201,22 @@ async def wait_for_group(
 
 async def partition_leaders(settings: KafkaSettings, topic: str) -> dict[int, int]:
     """Partition -> the node id that leads it (-1 while none does)."""
-    async with _admin(settings) as admin:
-        topics = await admin.describe_topics([topic])
+    async with admin(settings) as client:
+        topics = await client.describe_topics([topic])
     return {int(p["partition"]): int(p["leader"]) for t in topics for p in t["partitions"]}
+
+
+async def offset_bounds(
+    settings: KafkaSettings, partitions: Iterable[TopicPartition], isolation_level: str = "read_uncommitted"
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Each partition's end offset and first offset, fetched once (``read_committed``: the stable end)."""
+    tps = list(partitions)
+    if not tps:
+        return {}, {}
+    c = consumer(settings, group_id=None, isolation_level=isolation_level)
+    async with translated_errors(settings):
+        await c.start()
+    try:
+        return await c.end_offsets(tps), await c.beginning_offsets(tps)
+    finally:
+        await c.stop()

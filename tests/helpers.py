@@ -27,6 +27,7 @@ class Processes:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.started: list[WorkerProcess] = []
+        self.stopped: list[WorkerProcess] = []  # stopped on purpose: no longer checked for being alive
 
     def worker(self, settings: KafkaSettings, *args: str, **extra: Any) -> WorkerProcess:
         log = self.logdir / f"worker-{len(self.started)}.log"
@@ -55,13 +56,21 @@ class Processes:
         """Wait for the group to be stable with ``members`` members; fail at once if a process died."""
         await kafka.wait_for_group(settings, group_id, members, timeout_s, check=self.check_alive)
 
+    def stop(self, proc: WorkerProcess, timeout_s: float = 30.0) -> int:
+        """SIGTERM one process and wait for it; returns its exit code."""
+        rc = proc.stop(timeout_s)
+        self.started.remove(proc)
+        self.stopped.append(proc)
+        return rc
+
     def check_alive(self) -> None:
         dead = [p for p in self.started if p.proc.poll() not in (None, -9)]
         if dead:
             raise AssertionError(f"a process exited with {dead[0].proc.returncode}:\n{self.logs()[-3000:]}")
 
     def logs(self) -> str:
-        return "\n".join(p.log_path.read_text(errors="replace") for p in self.started if p.log_path.exists())
+        procs = self.stopped + self.started
+        return "\n".join(p.log_path.read_text(errors="replace") for p in procs if p.log_path.exists())
 
     def stop_all(self) -> None:
         for p in self.started:

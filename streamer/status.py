@@ -1,0 +1,122 @@
+"""A consumer group at a glance: members, their partitions, committed offsets and lag.
+
+What ``kafka-consumer-groups --describe`` shows, plus the capacity each member advertises to
+the capacity-aware assignor. Lag is the log-end offset minus the committed offset; a partition
+with no committed offset counts from its first offset. With exactly-once workers each
+partition's last transaction marker occupies one offset, so an idle partition shows a lag of 1
+there, as in Kafka's own tool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+
+from . import kafka
+from .assignors import decode_capacity
+from .config import KafkaSettings
+
+__all__ = ["GroupStatus", "MemberStatus", "PartitionStatus", "group_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    member_id: str
+    client_id: str
+    host: str
+    partitions: list[str]
+    capacity: float | None = None
+    """Items/s the member advertised (capacity-aware assignor only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStatus:
+    topic: str
+    partition: int
+    committed: int | None
+    log_end: int
+    lag: int
+    member_id: str | None
+    client_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    group: str
+    state: str
+    assignor: str
+    members: list[MemberStatus] = field(default_factory=list)
+    partitions: list[PartitionStatus] = field(default_factory=list)
+
+    @property
+    def total_lag(self) -> int:
+        return sum(p.lag for p in self.partitions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_lag": self.total_lag}
+
+
+async def group_status(settings: KafkaSettings, group_id: str, topics: list[str] | None = None) -> GroupStatus:
+    """The group's state, members and per-partition lag over its topics.
+
+    The topics are those its members subscribe to or it has committed offsets for, plus ``topics``.
+    """
+    async with kafka.admin(settings) as admin:
+        response = (await admin.describe_consumer_groups([group_id]))[0]
+        _err, _group, state, _ptype, protocol, raw_members = response.groups[0]
+        committed = await admin.list_consumer_group_offsets(group_id)
+        members: list[MemberStatus] = []
+        owners: dict[TopicPartition, MemberStatus] = {}
+        wanted = set(topics or [])
+        for member_id, client_id, host, metadata, assignment in raw_members:
+            capacity = None
+            if metadata:
+                meta = ConsumerProtocolMemberMetadata.decode(metadata)
+                wanted.update(meta.subscription)
+                capacity = decode_capacity(meta.user_data)
+            owned = []
+            if assignment:
+                for topic, parts in ConsumerProtocolMemberAssignment.decode(assignment).assignment:
+                    owned += [TopicPartition(topic, p) for p in parts]
+            m = MemberStatus(str(member_id), str(client_id), str(host),
+                             [f"{tp.topic}-{tp.partition}" for tp in sorted(owned)], capacity)
+            members.append(m)
+            owners.update(dict.fromkeys(owned, m))
+        wanted.update(tp.topic for tp in committed)
+        described = await admin.describe_topics(sorted(wanted)) if wanted else []
+    tps = sorted(TopicPartition(t["topic"], p["partition"]) for t in described if not t["error_code"]
+                 for p in t["partitions"])
+    ends, starts = await kafka.offset_bounds(settings, tps)
+    partitions = []
+    for tp in tps:
+        done = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else None
+        owner = owners.get(tp)
+        partitions.append(PartitionStatus(
+            tp.topic, tp.partition, done, ends[tp], max(0, ends[tp] - (done if done is not None else starts[tp])),
+            owner.member_id if owner else None, owner.client_id if owner else None,
+        ))
+    return GroupStatus(group_id, str(state), str(protocol), members, partitions)
+
+
+
+def render(status: GroupStatus) -> Any:
+    """Rich renderables: a members table and a partitions table, like ``kafka-consumer-groups --describe``."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text(f"group {status.group}: {status.state}, assignor {status.assignor or '-'}, "
+                f"{len(status.members)} members, total lag {status.total_lag}")
+    members = Table("MEMBER", "CLIENT-ID", "HOST", "PARTITIONS", "CAPACITY", title="members", title_justify="left")
+    for m in status.members:
+        members.add_row(m.member_id, m.client_id, m.host, str(len(m.partitions)),
+                        f"{m.capacity:,.1f}/s" if m.capacity is not None else "-")
+    parts = Table("TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "CLIENT-ID",
+                  title="partitions", title_justify="left")
+    for p in status.partitions:
+        parts.add_row(p.topic, str(p.partition), "-" if p.committed is None else str(p.committed), str(p.log_end),
+                      str(p.lag), p.client_id or "-")
+    return Group(head, members, parts)
