@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ class RunStats:
     extra_forward_passes: int = 0  # caused by bisecting failed batches
     queue_ms_total: float = 0.0
     inference_ms_total: float = 0.0
+    busy_ms_total: float = 0.0  # from taking a batch to publishing its outputs
 
 
 class BatchRunner:
@@ -63,6 +65,7 @@ class BatchRunner:
         self.default_reply_topic = default_reply_topic
         self.route = route or Route(model.name)
         self.stats = RunStats()
+        self.on_batch: Callable[[int, float, list[float]], None] | None = None  # size, model s, queue waits s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
 
     def close(self) -> None:
@@ -99,6 +102,9 @@ class BatchRunner:
         answers = await loop.run_in_executor(self._executor, self._run_bisect, [o.item.inputs for o in runnable])
         inference_ms = (time.perf_counter() - t0) * 1000
         self.stats.inference_ms_total += inference_ms
+        if self.on_batch is not None:
+            self.on_batch(len(runnable), inference_ms / 1000,
+                          [max(0.0, start - o.item.arrived) for o in runnable])
         for outcome, answer in zip(runnable, answers, strict=True):
             queue_ms = max(0.0, (start - outcome.item.arrived) * 1000)
             self.stats.queue_ms_total += queue_ms

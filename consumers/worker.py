@@ -27,12 +27,14 @@ from streamer import kafka
 from streamer.assignors import assignors
 from streamer.batching import BatchPolicy, BatchQueue
 from streamer.config import WorkerSettings
+from streamer.metrics import WorkerMetrics
 from streamer.models import Model, load_model
 
 from ._commit import ConsumerCommitter, OrderedCommits
 from ._dead_letter import send_dead_letter
 from ._inference import BatchRunner, RunStats
 from ._items import Item, Outcome, Route
+from ._telemetry import Telemetry
 from ._transactions import TransactionalProducers
 
 __all__ = ["Worker"]
@@ -73,6 +75,10 @@ class Worker:
                                             max_tensor_elements=settings.max_tensor_elements))
         self.route = route or Route(self.model.name)
         self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic, self.route)
+        self.metrics = WorkerMetrics(self.route.model, self.route.stage or "")
+        self.telemetry = Telemetry(settings, self.metrics)
+        self.runner.on_batch = self.telemetry.batch
+        self._watcher: asyncio.Task[None] | None = None
         self._queue: BatchQueue[Item] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
@@ -85,7 +91,8 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
         self.capacity = settings.capacity  # items/s advertised to the capacity assignor; measured when None
-        self._measured: float | None = None
+        self._measured: float | None = None  # items/s of model time (for the assignor)
+        self._throughput: float | None = None  # items/s of busy wall time (for the scaling signal)
         self._consumer = kafka.consumer(
             settings,
             group_id=settings.group_id,
@@ -103,6 +110,10 @@ class Worker:
                                         max_batch_size=settings.producer_batch_bytes)
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp])
         self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
+
+    def _scaling_capacity(self) -> float:
+        """Items/s this worker sustains when busy: measured wall time, else the model-time figure."""
+        return self._throughput or self._advertised_capacity()
 
     def _advertised_capacity(self) -> float:
         """Items/s of model time: the configured figure, else the latest measure (0: unknown)."""
@@ -134,6 +145,11 @@ class Worker:
             asyncio.create_task(self._process_loop(), name="streamer-process"),
         ]
         self._reporter = asyncio.create_task(self._report_loop(), name="streamer-report")
+        if self.settings.metrics_port is not None:
+            port = self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics on http://0.0.0.0:%d/metrics", port)
+            self._watcher = asyncio.create_task(self.telemetry.run(self._consumer, self._scaling_capacity),
+                                                name="streamer-telemetry")
         capacity = ""
         if self.settings.assignor == "capacity":
             capacity = f", capacity {self._advertised_capacity():,.0f} items/s"
@@ -163,6 +179,10 @@ class Worker:
                     raise task.exception()  # type: ignore[misc]
         finally:
             self._reporter.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
+                await asyncio.gather(self._watcher, return_exceptions=True)
+            self.metrics.close()
             if self._txn is not None:
                 await self._txn.close()
             await self._consumer.stop()  # leaves the group
@@ -218,13 +238,16 @@ class Worker:
         """
         items, batches = now.items - prev.items, now.batches - prev.batches
         busy_s = (now.inference_ms_total - prev.inference_ms_total) / 1000
-        if batches and busy_s > 0 and items / batches >= self.policy.max_batch_size / 2:
-            rate = items / busy_s
+        wall_s = (now.busy_ms_total - prev.busy_ms_total) / 1000
+        if batches and busy_s > 0 and wall_s > 0 and items / batches >= self.policy.max_batch_size / 2:
+            rate, sustained = items / busy_s, items / wall_s
             self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
+            self._throughput = sustained if self._throughput is None else 0.7 * self._throughput + 0.3 * sustained
 
     # -- rebalance ---------------------------------------------------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         self.rebalances += 1
+        self.telemetry.rebalanced(revoked)
         if not revoked:
             return
         self._revoking = revoked
@@ -271,6 +294,7 @@ class Worker:
                 if tp not in owned or tp in self._revoking or tp in self._fenced:
                     continue
                 epoch = self._epochs[tp]
+                self.telemetry.fetched(len(records))
                 for r in records:
                     self._queue.put(Item(tp, r.offset, r.key, r.value or b"", list(r.headers or ()), now, epoch))
 
@@ -301,6 +325,7 @@ class Worker:
             if not batch:
                 continue
             self._idle.clear()
+            began = time.perf_counter()
             try:
                 outcomes = await self.runner.run(batch)
                 if self._txn is not None:
@@ -311,6 +336,8 @@ class Worker:
                     for item in batch:
                         offsets[item.tp] = (item.offset + 1, item.epoch)
                     self._commits.add(deliveries, offsets)
+                self.telemetry.published(batch, outcomes)
+                self.stats.busy_ms_total += (time.perf_counter() - began) * 1000
             finally:
                 self._idle.set()
             if self._stopping.is_set():

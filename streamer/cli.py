@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 
 from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
 from .errors import StreamerError
+from .logs import setup_logging
 
 __all__ = ["main"]
 
@@ -305,6 +305,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description="Batched PyTorch inference on Apache Kafka.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-format", default=None, choices=["text", "json"],
+                        help="text (default) or json: one JSON object per line (or STREAMER_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="start a local Apache Kafka (KRaft) from Maven Central jars")
@@ -390,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        setup_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        print(f"streamer: error: {exc} (--log-format or STREAMER_LOG_FORMAT)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except StreamerError as exc:

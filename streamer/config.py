@@ -78,6 +78,12 @@ class WorkerSettings(KafkaSettings):
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: torch's")
     stats_interval_s: float = Field(default=10.0, gt=0, description="how often the worker logs its figures")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="serve Prometheus metrics on this port (0: a free one); off if unset"
+    )
+    scale_drain_s: float = Field(
+        default=60.0, gt=0, description="the scaling signal asks for enough workers to drain the lag within this"
+    )
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger requests are rejected")
     max_tensor_elements: int = Field(default=16 * 1024 * 1024, ge=1)
     producer_batch_bytes: int = Field(
