@@ -66,6 +66,7 @@ class BatchRunner:
         self.route = route or Route(model.name)
         self.stats = RunStats()
         self.on_batch: Callable[[int, float, list[float]], None] | None = None  # size, model s, queue waits s
+        self.honor_deadlines = True  # replay of old traffic turns this off
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
 
     def close(self) -> None:
@@ -150,7 +151,7 @@ class BatchRunner:
         if msg.model != self.route.model:
             what = f"stage {self.route.stage!r} of {self.route.model!r}" if self.route.stage else repr(self.route.model)
             self.fail(outcome, "unknown_model", f"this worker group serves {what}, not {msg.model!r}", None)
-        elif msg.deadline_ms is not None and now_ms() > msg.deadline_ms:
+        elif self.honor_deadlines and msg.deadline_ms is not None and now_ms() > msg.deadline_ms:
             outcome.result = self._result(msg, "expired", error=ErrorInfo(
                 code="deadline_exceeded", message=f"deadline {msg.deadline_ms} passed before inference",
                 stage=self.route.stage))

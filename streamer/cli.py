@@ -11,6 +11,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+from ._replay_cmd import add_replay_parser
 from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
 from .errors import StreamerError
 from .logs import setup_logging
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", action="append", default=[], help="also show this topic's lag (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    add_replay_parser(sub, _add_kafka)
 
     p = sub.add_parser("pipeline", help="pipelines of stages chained by topics")
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

@@ -22,6 +22,7 @@ __all__ = [
     "admin",
     "admin_client",
     "client_kwargs",
+    "committed_offsets",
     "consumer",
     "delete_topics",
     "describe_group",
@@ -220,3 +221,24 @@ async def offset_bounds(
         return await c.end_offsets(tps), await c.beginning_offsets(tps)
     finally:
         await c.stop()
+
+
+async def committed_offsets(
+    settings: KafkaSettings, group_id: str, admin_: AIOKafkaAdminClient | None = None, timeout_s: float = 30.0
+) -> dict[TopicPartition, Any]:
+    """The group's committed offsets (``OffsetAndMetadata``), retried while its coordinator is not ready yet.
+
+    The first group a fresh cluster sees waits for ``__consumer_offsets`` to be created.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            if admin_ is not None:
+                return dict(await admin_.list_consumer_group_offsets(group_id))
+            async with admin(settings) as client:
+                return dict(await client.list_consumer_group_offsets(group_id))
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False) or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.2)

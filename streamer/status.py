@@ -67,7 +67,7 @@ async def group_status(settings: KafkaSettings, group_id: str, topics: list[str]
     async with kafka.admin(settings) as admin:
         response = (await admin.describe_consumer_groups([group_id]))[0]
         _err, _group, state, _ptype, protocol, raw_members = response.groups[0]
-        committed = await admin.list_consumer_group_offsets(group_id)
+        committed = await kafka.committed_offsets(settings, group_id, admin)
         members: list[MemberStatus] = []
         owners: dict[TopicPartition, MemberStatus] = {}
         wanted = set(topics or [])

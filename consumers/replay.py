@@ -1,0 +1,278 @@
+"""Replay for offline batch inference: a fixed range of a request topic through a model or a pipeline.
+
+The job reads each partition's span (``streamer.ranges``), runs large batches through the same
+code the live workers run (``BatchRunner``: decoding, validation, bisection of failing batches;
+a pipeline's stages one after the other, their messages encoded as on the wire), and writes one
+result per record to a sink: the request's own result, or an error result. A record that has no
+readable id gets the id ``TOPIC:PARTITION:OFFSET``, so every offset of the range is accounted for.
+
+Deadlines are ignored by default (old traffic is past them all); ``keep_deadlines`` honours them
+and counts the expired apart.
+
+Progress is committed to the job's consumer group ``streamer-replay.<job>`` after each sink
+checkpoint, with the span and the sink's checkpoint in the offset metadata. A job started again
+under the same name reads them back, cuts the sink back to the checkpoint and continues; a
+finished job has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from schemas import Codec, ErrorInfo, InferenceResult, Limits, RoutingHeaders
+from streamer import kafka
+from streamer.config import WorkerSettings
+from streamer.models import load_model
+from streamer.pipeline import PipelineSpec
+from streamer.ranges import Span
+from streamer.sinks import Sink
+
+from ._inference import BatchRunner
+from ._items import Item, Outcome, Route
+
+__all__ = ["Engine", "ReplayJob", "ReplaySummary", "forget", "job_group", "replay_codec"]
+
+log = logging.getLogger("streamer.replay")
+
+
+def job_group(job: str) -> str:
+    return f"streamer-replay.{job}"
+
+
+class Engine:
+    """Batches of request records -> one final result each, through one model or a pipeline's stages."""
+
+    def __init__(self, runners: list[BatchRunner], codec: Codec) -> None:
+        self.runners = runners
+        self.codec = codec
+
+    @classmethod
+    def for_model(cls, model: str, device: str | None, codec: Codec, *, keep_deadlines: bool = False,
+                  **options: Any) -> Engine:
+        m = load_model(model, device, **options)
+        return cls([_runner(BatchRunner(m, codec, "replay", "", Route(m.name)), keep_deadlines)], codec)
+
+    @classmethod
+    def for_pipeline(cls, spec: PipelineSpec, device: str | None, codec: Codec, *,
+                     keep_deadlines: bool = False) -> Engine:
+        names = [s.name for s in spec.order]
+        runners = []
+        for i, st in enumerate(spec.order):
+            m = load_model(st.callable, device or st.device, **st.options)
+            nxt = names[i + 1] if i + 1 < len(names) else None
+            route = Route(model=spec.name, stage=st.name, first=i == 0, next_topic=spec.next_topic(st.name),
+                          next_stage=nxt)
+            runners.append(_runner(BatchRunner(m, codec, "replay", "", route), keep_deadlines))
+        return cls(runners, codec)
+
+    @property
+    def name(self) -> str:
+        return self.runners[0].route.model
+
+    def close(self) -> None:
+        for r in self.runners:
+            r.close()
+
+    async def run(self, items: list[Item]) -> list[InferenceResult]:
+        final: dict[int, InferenceResult] = {}
+        origin = {id(item): i for i, item in enumerate(items)}
+        todo = items
+        for runner in self.runners:
+            if not todo:
+                break
+            outcomes = await runner.run(todo)
+            forwarded = []
+            for o in outcomes:
+                src = origin[id(o.item)]
+                if o.forward is not None:
+                    nxt = Item(o.item.tp, o.item.offset, o.item.key, self.codec.encode(o.forward),
+                               RoutingHeaders(o.forward.id, o.forward.reply_to).build(), o.item.arrived, 0)
+                    origin[id(nxt)] = src
+                    forwarded.append(nxt)
+                else:
+                    final[src] = o.result if o.result is not None else _anonymous_error(o, runner.route)
+            todo = forwarded
+        return [final[i] for i in range(len(items))]
+
+
+def _runner(runner: BatchRunner, keep_deadlines: bool) -> BatchRunner:
+    runner.honor_deadlines = keep_deadlines
+    return runner
+
+
+def _anonymous_error(o: Outcome, route: Route) -> InferenceResult:
+    dl = o.dead_letter
+    return InferenceResult(
+        id=f"{o.item.tp.topic}:{o.item.tp.partition}:{o.item.offset}", model=route.model, status="error",
+        error=ErrorInfo(code=dl.code if dl else "model_error", message=dl.message if dl else "no result",
+                        stage=route.stage),
+    )
+
+
+@dataclass
+class ReplaySummary:
+    range_size: int
+    done_before: int = 0  # records a stopped run of this job had done
+    processed: int = 0  # records this run did
+    statuses: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+    complete: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"range_size": self.range_size, "done_before": self.done_before, "processed": self.processed,
+                "ok": self.statuses["ok"], "errors": self.statuses["error"], "expired": self.statuses["expired"],
+                "elapsed_s": round(self.elapsed_s, 3), "rate_per_s": round(self.rate, 1), "complete": self.complete}
+
+
+class ReplayJob:
+    """One replay job: ``spans`` of ``topic`` through ``engine`` into ``sink``, resumable under ``job``."""
+
+    def __init__(self, settings: WorkerSettings, topic: str, job: str, engine: Engine, sink: Sink, *,
+                 batch_size: int = 256, checkpoint_s: float = 2.0) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.job = job
+        self.engine = engine
+        self.sink = sink
+        self.batch_size = batch_size
+        self.checkpoint_s = checkpoint_s
+        self.codec = engine.codec
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Stop after the batch in hand; what is done is committed (SIGINT/SIGTERM)."""
+        self._stop.set()
+
+    async def plan(self, fresh: list[Span]) -> tuple[list[Span], list[Span], int | None]:
+        """(the job's whole range, what is left of it, the sink checkpoint to resume at or None)."""
+        committed = await kafka.committed_offsets(self.settings, job_group(self.job))
+        saved = {tp.partition: (om.offset, json.loads(om.metadata)) for tp, om in committed.items()
+                 if tp.topic == self.topic and om.metadata}
+        if not saved:
+            return fresh, fresh, None
+        whole = [Span(p, meta["start"], meta["end"]) for p, (_off, meta) in sorted(saved.items())]
+        left = [Span(p, max(off, meta["start"]), meta["end"]) for p, (off, meta) in sorted(saved.items())]
+        sink_at = min(int(meta.get("sink", 0)) for _off, meta in saved.values())
+        return whole, left, sink_at
+
+    async def run(self, fresh: list[Span], progress: Callable[[int, int], None] | None = None) -> ReplaySummary:
+        whole, left, sink_at = await self.plan(fresh)
+        summary = ReplaySummary(range_size=sum(s.size for s in whole),
+                                done_before=sum(s.size for s in whole) - sum(s.size for s in left))
+        if sink_at is not None:
+            log.info("job %s resumes: %d of %d records were done", self.job, summary.done_before, summary.range_size)
+        await self.sink.open(sink_at)
+        consumer = kafka.consumer(self.settings, group_id=job_group(self.job), enable_auto_commit=False,
+                                  isolation_level="read_committed", max_partition_fetch_bytes=4 << 20,
+                                  fetch_max_bytes=32 << 20)
+        spans = {TopicPartition(self.topic, s.partition): s for s in whole}
+        nxt = {TopicPartition(self.topic, s.partition): s.start for s in left}
+        pending = {tp for tp in nxt if nxt[tp] < spans[tp].end}
+        started = time.perf_counter()
+        if progress:
+            progress(summary.done_before, summary.range_size)
+        try:
+            async with kafka.translated_errors(self.settings):
+                await consumer.start()
+            consumer.assign(sorted(spans))  # all of them: commits name every partition of the range
+            for tp in spans:
+                consumer.seek(tp, nxt[tp])
+            consumer.pause(*spans)  # the reader resumes one partition at a time
+            await self._commit(consumer, spans, nxt)  # records the plan before any output
+            batches: asyncio.Queue[list[Item] | None] = asyncio.Queue(maxsize=2)
+            reader = asyncio.create_task(self._read(consumer, spans, pending, batches))
+            last_checkpoint = time.monotonic()
+            try:
+                while (batch := await batches.get()) is not None:
+                    results = await self.engine.run(batch)
+                    await self.sink.write(results)
+                    for item in batch:
+                        nxt[item.tp] = item.offset + 1
+                    summary.processed += len(batch)
+                    summary.statuses.update(r.status for r in results)
+                    if progress:
+                        progress(summary.done_before + summary.processed, summary.range_size)
+                    if time.monotonic() - last_checkpoint >= self.checkpoint_s:
+                        await self._commit(consumer, spans, nxt)
+                        last_checkpoint = time.monotonic()
+                    if self._stop.is_set():
+                        break
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            await self._commit(consumer, spans, nxt)
+            summary.complete = all(nxt[tp] >= spans[tp].end for tp in nxt)
+        finally:
+            summary.elapsed_s = time.perf_counter() - started
+            await consumer.stop()
+            await self.sink.close(summary.complete)
+            self.engine.close()
+        return summary
+
+    async def _commit(self, consumer: Any, spans: dict[TopicPartition, Span], nxt: dict[TopicPartition, int]) -> None:
+        sink_at = await self.sink.checkpoint()
+        offsets = {tp: OffsetAndMetadata(nxt[tp], json.dumps({"start": spans[tp].start, "end": spans[tp].end,
+                                                              "sink": sink_at}))
+                   for tp in spans}
+        await consumer.commit(offsets)
+
+    async def _read(self, consumer: Any, spans: dict[TopicPartition, Span], pending: set[TopicPartition],
+                    out: asyncio.Queue[list[Item] | None]) -> None:
+        """Read the spans one partition after another, in partition order, into batches of ``batch_size``.
+
+        The order, and so each batch, is fixed by the range alone: replaying it again runs the
+        model on the very same batches (bit-identical outputs, even where batch shape matters).
+        None when every span is read.
+        """
+        buf: list[Item] = []
+        for tp in sorted(pending, key=lambda t: t.partition):
+            end = spans[tp].end
+            consumer.resume(tp)
+            while True:
+                fetched = (await consumer.getmany(tp, timeout_ms=200, max_records=self.batch_size)).get(tp, [])
+                now = time.monotonic()
+                buf.extend(Item(tp, r.offset, r.key, r.value or b"", list(r.headers or ()), now, 0)
+                           for r in fetched if r.offset < end)
+                while len(buf) >= self.batch_size:
+                    await out.put(buf[: self.batch_size])
+                    buf = buf[self.batch_size:]
+                if (fetched and fetched[-1].offset >= end - 1) or await consumer.position(tp) >= end:
+                    break  # position: a span may end at a transaction marker or a compacted gap
+            consumer.pause(tp)
+        if buf:
+            await out.put(buf)
+        await out.put(None)
+
+
+async def forget(settings: WorkerSettings, topic: str, job: str) -> None:
+    """Drop a job's progress: its commits lose their plan, so the next run starts afresh."""
+    committed = await kafka.committed_offsets(settings, job_group(job))
+    tps = [tp for tp in committed if tp.topic == topic]
+    if not tps:
+        return
+    consumer = kafka.consumer(settings, group_id=job_group(job), enable_auto_commit=False)
+    async with kafka.translated_errors(settings):
+        await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.commit({tp: OffsetAndMetadata(0, "") for tp in tps})
+    finally:
+        await consumer.stop()
+
+
+def replay_codec(settings: WorkerSettings) -> Codec:
+    return Codec(Limits(max_message_bytes=settings.max_message_bytes, max_tensor_elements=settings.max_tensor_elements))
