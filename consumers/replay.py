@@ -83,6 +83,11 @@ class Engine:
         for r in self.runners:
             r.close()
 
+    def warm_up(self) -> None:
+        """One small batch through each model (lazy initialisation, kernels), before the clock starts."""
+        for r in self.runners:
+            r.warm_up()
+
     async def run(self, items: list[Item]) -> list[InferenceResult]:
         final: dict[int, InferenceResult] = {}
         origin = {id(item): i for i, item in enumerate(items)}
@@ -196,21 +201,26 @@ class ReplayJob:
             batches: asyncio.Queue[list[Item] | None] = asyncio.Queue(maxsize=2)
             reader = asyncio.create_task(self._read(consumer, spans, pending, batches))
             last_checkpoint = time.monotonic()
+            done: tuple[list[Item], list[InferenceResult]] | None = None
             try:
-                while (batch := await batches.get()) is not None:
-                    results = await self.engine.run(batch)
-                    await self.sink.write(results)
-                    for item in batch:
-                        nxt[item.tp] = item.offset + 1
-                    summary.processed += len(batch)
-                    summary.statuses.update(r.status for r in results)
-                    if progress:
-                        progress(summary.done_before + summary.processed, summary.range_size)
-                    if time.monotonic() - last_checkpoint >= self.checkpoint_s:
-                        await self._commit(consumer, spans, nxt)
-                        last_checkpoint = time.monotonic()
-                    if self._stop.is_set():
+                while True:
+                    batch = None if self._stop.is_set() else await batches.get()
+                    running = asyncio.create_task(self.engine.run(batch)) if batch else None
+                    await asyncio.sleep(0)  # the next batch is decoded and in the model before the last is written
+                    if done is not None:
+                        await self.sink.write(done[1])
+                        for item in done[0]:
+                            nxt[item.tp] = item.offset + 1
+                        summary.processed += len(done[0])
+                        summary.statuses.update(r.status for r in done[1])
+                        if progress:
+                            progress(summary.done_before + summary.processed, summary.range_size)
+                        if time.monotonic() - last_checkpoint >= self.checkpoint_s:
+                            await self._commit(consumer, spans, nxt)
+                            last_checkpoint = time.monotonic()
+                    if running is None or batch is None:
                         break
+                    done = (batch, await running)
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)

@@ -107,6 +107,7 @@ async def _offline(args: argparse.Namespace, settings: WorkerSettings, topic: st
                                      keep_deadlines=args.keep_deadlines)
     else:
         engine = Engine.for_model(target, args.device or settings.device, codec, keep_deadlines=args.keep_deadlines)
+    await asyncio.to_thread(engine.warm_up)
     runner = ReplayJob(settings, topic, job, engine, open_sink(args.sink, settings), batch_size=args.batch_size,
                        checkpoint_s=args.checkpoint_s)
     loop = asyncio.get_running_loop()

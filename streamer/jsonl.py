@@ -15,6 +15,8 @@ __all__ = ["result_to_json", "to_jsonable"]
 
 def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "iub" or (obj.dtype.kind == "f" and bool(np.isfinite(obj).all())):
+            return obj.tolist()  # plain numbers all the way down: no walk needed
         return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return to_jsonable(obj.item())
