@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole system end to end on an embedded broker")
     _add_kafka(p)
     _add_worker(p)
-    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes to start (0: use the running workers of the group, e.g. under compose)")
     p.add_argument("--requests", type=int, default=2000, help="requests to publish")
     p.add_argument("--keys", type=int, default=50, help="distinct request keys")
     p.add_argument("--partitions", type=int, default=8)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from aiokafka.errors import KafkaError
 
 from .config import ClientSettings, WorkerSettings, load_settings, settings_env
 
@@ -49,6 +50,22 @@ class WorkerProcess:
             code = self.proc.wait()
         self._log.close()
         return code
+
+
+async def _wait_for_members(ws: WorkerSettings, timeout_s: float) -> None:
+    from . import kafka
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state, ids = await kafka.describe_group(ws, ws.group_id)
+            if state == "Stable" and ids:
+                return
+        except KafkaError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no worker of group {ws.group_id} came up in {timeout_s:g} s")
+        await asyncio.sleep(0.5)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -102,10 +119,14 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
         kafka.TopicSpec(ws.dead_letter_topic, 1),
     ])
     workers.extend(WorkerProcess(env, workdir / f"worker-{i}.log") for i in range(args.workers))
-    console.print(f"started {args.workers} workers serving {ws.model}; waiting for the group to settle")
     model = load_model(ws.model, "cpu")
     inputs = model.example_inputs(args.requests, seed=7)
-    await kafka.wait_for_group(ws, ws.group_id, args.workers, timeout_s=180)
+    if args.workers:
+        console.print(f"started {args.workers} workers serving {ws.model}; waiting for the group to settle")
+        await kafka.wait_for_group(ws, ws.group_id, args.workers, timeout_s=180)
+    else:
+        console.print(f"using the running workers of group {ws.group_id}; waiting for at least one")
+        await _wait_for_members(ws, timeout_s=300)
 
     csettings = load_settings(ClientSettings, **{k: v for k, v in ws.model_dump().items()
                                                   if k in ClientSettings.model_fields}, timeout_s=300)
@@ -133,7 +154,7 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
     for r in results.values():
         per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
     batch_sizes = [r.timings.batch_size for r in results.values() if r.timings]
-    console.print(f"\n[bold]{args.requests} requests[/] through {args.workers} workers in {elapsed:.2f} s: "
+    console.print(f"\n[bold]{args.requests} requests[/] through {len(per_worker)} workers in {elapsed:.2f} s: "
                   f"[bold]{args.requests / elapsed:,.0f} requests/s[/]")
     console.print(f"latency p50 {_percentile(latencies, 50):.1f} ms, p99 {_percentile(latencies, 99):.1f} ms; "
                   f"mean batch {np.mean(batch_sizes):.1f}; duplicates dropped {duplicates}")

@@ -105,6 +105,11 @@ def _status(ws: WorkerSettings, group: str) -> dict[str, Any]:
     return data
 
 
+def _status_text(ws: WorkerSettings, group: str) -> str:
+    return subprocess.run([sys.executable, "-m", "streamer", "status", group], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **settings_env(ws)}, check=True).stdout
+
+
 def _owned(status: dict[str, Any]) -> dict[str, list[str]]:
     """The worker's client id prefix (``a`` of ``a-worker-host-pid``) -> its partitions."""
     return {m["client_id"].split("-worker-")[0]: m["partitions"] for m in status["members"]}
@@ -164,8 +169,7 @@ async def test_capacity_assignor_and_status_with_real_workers(
     assert all(p["client_id"] for p in status["partitions"])
 
     # The human form: the same facts, as a table.
-    text = subprocess.run([sys.executable, "-m", "streamer", "status", ws.group_id], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **settings_env(ws)}, check=True).stdout
+    text = _status_text(ws, ws.group_id)
     assert f"group {ws.group_id}: Stable, assignor streamer-capacity, 2 members, total lag 0" in text
     for column in ("TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "CAPACITY", "300.0/s"):
         assert column in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 
 import pytest
@@ -69,7 +70,7 @@ def test_sticky_keeps_keyless_records_together_and_keys_on_their_hash() -> None:
     seq = [part(None, list(range(6)), list(range(6))) for _ in range(4 * STICKY_RECORDS)]
     runs = [seq[i:i + STICKY_RECORDS] for i in range(0, len(seq), STICKY_RECORDS)]
     assert all(len(set(run)) == 1 for run in runs)
-    assert all(a[0] != b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert all(a[0] != b[0] for a, b in itertools.pairwise(runs))
     assert part(b"user-42", list(range(16)), list(range(16))) == 12
 
 
