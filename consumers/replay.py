@@ -180,6 +180,10 @@ class ReplayJob:
                                 done_before=sum(s.size for s in whole) - sum(s.size for s in left))
         if sink_at is not None:
             log.info("job %s resumes: %d of %d records were done", self.job, summary.done_before, summary.range_size)
+            if summary.done_before == summary.range_size:
+                summary.complete = True  # finished before: the sink is whole, leave it be
+                self.engine.close()
+                return summary
         await self.sink.open(sink_at)
         consumer = kafka.consumer(self.settings, group_id=job_group(self.job), enable_auto_commit=False,
                                   isolation_level="read_committed", max_partition_fetch_bytes=4 << 20,

@@ -30,6 +30,8 @@ def add_replay_parser(sub: Any, add_kafka: Any) -> None:
     what.add_argument("--pipeline", default=None, help="a pipeline spec (TOML) or a built-in name")
     g.add_argument("--device", default=None, help="torch device for every stage (default: the spec's, or auto)")
     g.add_argument("--batch-size", type=int, default=256, help="records per batch (default: 256)")
+    g.add_argument("--processes", type=int, default=1,
+                   help="split the range by partition over this many replay processes (default: 1, in-process)")
     g.add_argument("--keep-deadlines", action="store_true", help="honour request deadlines (default: ignore them)")
     g.add_argument("--republish", action="store_true",
                    help="feed the range to the live workers' input instead, under a separate reply topic")
@@ -52,8 +54,8 @@ def run_replay(args: argparse.Namespace) -> int:
     overrides.pop("model", None)
     overrides.pop("device", None)
     settings = load_settings(WorkerSettings, **overrides)
-    if args.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
+    if args.batch_size < 1 or args.processes < 1:
+        raise ConfigError("--batch-size and --processes must be at least 1")
     return uvloop.run(_main(args, settings))
 
 
@@ -82,6 +84,10 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
 
             summary = await republish(settings, topic, job, target, spans, args.sink, rate=args.rate,
                                       progress=progress)
+        elif args.processes > 1:
+            from ._replay_parallel import replay_in_processes
+
+            summary = await replay_in_processes(args, settings, topic, job, spans, progress)
         else:
             summary = await _offline(args, settings, topic, job, target, spans, progress)
     facts = summary.as_dict()

@@ -233,3 +233,26 @@ async def test_republish_feeds_live_workers_under_its_own_reply_topic(
     # Replies went to the job's own topic, not to the live results topic.
     ends, _ = await kafka.offset_bounds(ws, [TopicPartition(ws.results_topic, p) for p in range(4)])
     assert sum(ends.values()) == len(live_results)
+
+
+@pytest.mark.slow
+async def test_replay_in_two_processes_joins_one_sink(created_topics: WorkerSettings, tmp_path: Path) -> None:
+    ws = created_topics
+    model = load_model("tiny-mlp", "cpu")
+    inputs = model.example_inputs(400, seed=12)
+    await _publish(ws, ws.request_topic, inputs, "tiny-mlp", "m")
+    sink = tmp_path / "joined.parquet"
+    _, summary, _ = _replay(ws, "--model", "tiny-mlp", "--processes", "2", "--batch-size", "64", "--sink", str(sink))
+    assert summary["complete"] and summary["range_size"] == summary["processed"] == summary["ok"] == 400
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sink).to_pylist()
+    assert sorted(r["id"] for r in rows) == [f"m{i:05d}" for i in range(400)]
+    for r in rows:
+        np.testing.assert_allclose(r["outputs"], model.run([model.validate(inputs[int(r["id"][1:])])])[0],
+                                   rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["joined.parquet"]  # the parts are gone
+    # Two jobs did the work, one per process, each with its own committed progress.
+    _, again, _ = _replay(ws, "--model", "tiny-mlp", "--processes", "2", "--batch-size", "64", "--sink", str(sink))
+    assert again["processed"] == 0 and again["done_before"] == 400 and again["complete"]
+    assert len(pq.read_table(sink)) == 400  # a finished job leaves its sink alone
