@@ -3,7 +3,19 @@
 from ._commit import Committer, ConsumerCommitter
 from ._inference import RunStats
 from ._items import Route
+from .replay import Engine, ReplayJob, ReplaySummary
 from .stage import stage_settings, stage_worker
 from .worker import Worker
 
-__all__ = ["Committer", "ConsumerCommitter", "Route", "RunStats", "Worker", "stage_settings", "stage_worker"]
+__all__ = [
+    "Committer",
+    "ConsumerCommitter",
+    "Engine",
+    "ReplayJob",
+    "ReplaySummary",
+    "Route",
+    "RunStats",
+    "Worker",
+    "stage_settings",
+    "stage_worker",
+]
