@@ -40,7 +40,7 @@ from streamer.sinks import Sink
 from ._inference import BatchRunner
 from ._items import Item, Outcome, Route
 
-__all__ = ["Engine", "ReplayJob", "ReplaySummary", "forget", "job_group", "replay_codec"]
+__all__ = ["Engine", "ReplayJob", "ReplaySummary", "forget", "job_group", "plan_metadata", "read_plan", "replay_codec"]
 
 log = logging.getLogger("streamer.replay")
 
@@ -164,15 +164,7 @@ class ReplayJob:
 
     async def plan(self, fresh: list[Span]) -> tuple[list[Span], list[Span], int | None]:
         """(the job's whole range, what is left of it, the sink checkpoint to resume at or None)."""
-        committed = await kafka.committed_offsets(self.settings, job_group(self.job))
-        saved = {tp.partition: (om.offset, json.loads(om.metadata)) for tp, om in committed.items()
-                 if tp.topic == self.topic and om.metadata}
-        if not saved:
-            return fresh, fresh, None
-        whole = [Span(p, meta["start"], meta["end"]) for p, (_off, meta) in sorted(saved.items())]
-        left = [Span(p, max(off, meta["start"]), meta["end"]) for p, (off, meta) in sorted(saved.items())]
-        sink_at = min(int(meta.get("sink", 0)) for _off, meta in saved.values())
-        return whole, left, sink_at
+        return await read_plan(self.settings, self.topic, self.job, fresh)
 
     async def run(self, fresh: list[Span], progress: Callable[[int, int], None] | None = None) -> ReplaySummary:
         whole, left, sink_at = await self.plan(fresh)
@@ -239,9 +231,7 @@ class ReplayJob:
 
     async def _commit(self, consumer: Any, spans: dict[TopicPartition, Span], nxt: dict[TopicPartition, int]) -> None:
         sink_at = await self.sink.checkpoint()
-        offsets = {tp: OffsetAndMetadata(nxt[tp], json.dumps({"start": spans[tp].start, "end": spans[tp].end,
-                                                              "sink": sink_at}))
-                   for tp in spans}
+        offsets = {tp: OffsetAndMetadata(nxt[tp], plan_metadata(spans[tp], sink_at)) for tp in spans}
         await consumer.commit(offsets)
 
     async def _read(self, consumer: Any, spans: dict[TopicPartition, Span], pending: set[TopicPartition],
@@ -270,6 +260,23 @@ class ReplayJob:
         if buf:
             await out.put(buf)
         await out.put(None)
+
+
+async def read_plan(settings: WorkerSettings, topic: str, job: str,
+                    fresh: list[Span]) -> tuple[list[Span], list[Span], int | None]:
+    """A job's plan from its commits: (whole range, what is left, sink checkpoint); ``fresh`` if it has none."""
+    committed = await kafka.committed_offsets(settings, job_group(job))
+    saved = {tp.partition: (om.offset, json.loads(om.metadata)) for tp, om in committed.items()
+             if tp.topic == topic and om.metadata}
+    if not saved:
+        return fresh, fresh, None
+    whole = [Span(p, meta["start"], meta["end"]) for p, (_off, meta) in sorted(saved.items())]
+    left = [Span(p, max(off, meta["start"]), meta["end"]) for p, (off, meta) in sorted(saved.items())]
+    return whole, left, min(int(meta.get("sink", 0)) for _off, meta in saved.values())
+
+
+def plan_metadata(span: Span, sink: int = 0) -> str:
+    return json.dumps({"start": span.start, "end": span.end, "sink": sink})
 
 
 async def forget(settings: WorkerSettings, topic: str, job: str) -> None:

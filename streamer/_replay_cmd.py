@@ -78,12 +78,19 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
         from consumers.replay import forget
 
         await forget(settings, topic, job)
+        if args.republish:
+            from producers.replay import forget_replies
+
+            await forget_replies(settings, job)
     with _Progress(console, args.no_progress) as progress:
         if args.republish:
             from producers.replay import republish
 
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
             summary = await republish(settings, topic, job, target, spans, args.sink, rate=args.rate,
-                                      progress=progress)
+                                      progress=progress, stop=stop, checkpoint_s=args.checkpoint_s)
         elif args.processes > 1:
             from ._replay_parallel import replay_in_processes
 

@@ -69,6 +69,10 @@ def _replay(ws: WorkerSettings, *args: str, check: bool = True, **env: str) -> t
     return out.returncode, summary, out.stderr
 
 
+def _listing(path: Path) -> list[Path]:
+    return list(path.iterdir())
+
+
 def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -222,9 +226,19 @@ async def test_republish_feeds_live_workers_under_its_own_reply_topic(
     await processes.group(ws, 1)
     live_results = await read_topic(ws, ws.results_topic, 150)  # the live system answered the originals
 
-    _, summary, _ = _replay(ws, "--republish", "--rate", "400", "--model", "tiny-mlp",
-                            "--sink", str(tmp_path / "re.jsonl"))
-    assert summary["complete"] and summary["processed"] == 150 and summary["ok"] == 150
+    # Slowly (40/s), and stopped part-way: the job commits how far it sent.
+    args = ["--republish", "--rate", "40", "--checkpoint-s", "0.2", "--model", "tiny-mlp", "--job", "re",
+            "--sink", str(tmp_path / "re.jsonl")]
+    first = WorkerProcess(settings_env(ws), tmp_path / "republish.log", "--no-progress", *args, command="replay")
+    processes.started.append(first)
+    await asyncio.sleep(4)  # start-up, then about 80 of the 150 sent
+    first.signal(signal.SIGTERM)
+    assert first.proc.wait(60) == 3  # stopped early: resumable
+    assert not (tmp_path / "re.jsonl").exists()  # the sink is written once every answer is in
+
+    _, summary, _ = _replay(ws, *[a if a != "40" else "400" for a in args])
+    assert summary["complete"] and summary["range_size"] == 150 and summary["ok"] == 150
+    assert 0 < summary["done_before"] < 150 and summary["done_before"] + summary["processed"] == 150
     lines = _lines(tmp_path / "re.jsonl")
     assert sorted(r["id"] for r in lines) == [f"p{i:05d}" for i in range(150)]
     for line in lines:
@@ -251,7 +265,7 @@ async def test_replay_in_two_processes_joins_one_sink(created_topics: WorkerSett
     for r in rows:
         np.testing.assert_allclose(r["outputs"], model.run([model.validate(inputs[int(r["id"][1:])])])[0],
                                    rtol=1e-5, atol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["joined.parquet"]  # the parts are gone
+    assert sorted(p.name for p in _listing(tmp_path)) == ["joined.parquet"]  # the parts are gone
     # Two jobs did the work, one per process, each with its own committed progress.
     _, again, _ = _replay(ws, "--model", "tiny-mlp", "--processes", "2", "--batch-size", "64", "--sink", str(sink))
     assert again["processed"] == 0 and again["done_before"] == 400 and again["complete"]
