@@ -59,15 +59,17 @@ class GroupStatus:
         return {**asdict(self), "total_lag": self.total_lag}
 
 
-async def group_status(settings: KafkaSettings, group_id: str, topics: list[str] | None = None) -> GroupStatus:
+async def group_status(settings: KafkaSettings, group_id: str, topics: list[str] | None = None, *,
+                       offsets: bool = True) -> GroupStatus:
     """The group's state, members and per-partition lag over its topics.
 
     The topics are those its members subscribe to or it has committed offsets for, plus ``topics``.
+    ``offsets=False``: members only (for brokers without offset fetches by admin clients, as Tansu).
     """
     async with kafka.admin(settings) as admin:
         response = (await admin.describe_consumer_groups([group_id]))[0]
         _err, _group, state, _ptype, protocol, raw_members = response.groups[0]
-        committed = await kafka.committed_offsets(settings, group_id, admin)
+        committed = await kafka.committed_offsets(settings, group_id, admin) if offsets else {}
         members: list[MemberStatus] = []
         owners: dict[TopicPartition, MemberStatus] = {}
         wanted = set(topics or [])
@@ -85,6 +87,8 @@ async def group_status(settings: KafkaSettings, group_id: str, topics: list[str]
                              [f"{tp.topic}-{tp.partition}" for tp in sorted(owned)], capacity)
             members.append(m)
             owners.update(dict.fromkeys(owned, m))
+        if not offsets:
+            return GroupStatus(group_id, str(state), str(protocol), members)
         wanted.update(tp.topic for tp in committed)
         described = await admin.describe_topics(sorted(wanted)) if wanted else []
     tps = sorted(TopicPartition(t["topic"], p["partition"]) for t in described if not t["error_code"]
