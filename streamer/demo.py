@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka.errors import KafkaError
 
 from .config import ClientSettings, WorkerSettings, load_settings, settings_env
 
@@ -50,22 +49,6 @@ class WorkerProcess:
             code = self.proc.wait()
         self._log.close()
         return code
-
-
-async def _wait_for_members(ws: WorkerSettings, timeout_s: float) -> None:
-    from . import kafka
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            state, ids = await kafka.describe_group(ws, ws.group_id)
-            if state == "Stable" and ids:
-                return
-        except KafkaError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no worker of group {ws.group_id} came up in {timeout_s:g} s")
-        await asyncio.sleep(0.5)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -126,7 +109,7 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
         await kafka.wait_for_group(ws, ws.group_id, args.workers, timeout_s=180)
     else:
         console.print(f"using the running workers of group {ws.group_id}; waiting for at least one")
-        await _wait_for_members(ws, timeout_s=300)
+        await kafka.wait_for_group(ws, ws.group_id, 1, timeout_s=300, at_least=True)
 
     csettings = load_settings(ClientSettings, **{k: v for k, v in ws.model_dump().items()
                                                   if k in ClientSettings.model_fields}, timeout_s=300)

@@ -178,9 +178,9 @@ async def describe_group(settings: KafkaSettings, group_id: str) -> tuple[str, l
 
 async def wait_for_group(
     settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 60.0,
-    check: Callable[[], None] | None = None,
+    check: Callable[[], None] | None = None, *, at_least: bool = False,
 ) -> None:
-    """Wait until ``group_id`` is stable with exactly ``members`` members.
+    """Wait until ``group_id`` is stable with exactly ``members`` members (``at_least``: that many or more).
 
     ``check``, called on each try, may raise to give up early (a member process died, say).
     """
@@ -191,12 +191,13 @@ async def wait_for_group(
             check()
         try:
             state, ids = await describe_group(settings, group_id)
-            if state == "Stable" and len(ids) == members:
+            if state == "Stable" and (len(ids) >= members if at_least else len(ids) == members):
                 return
         except KafkaError:
             pass
         if loop.time() > deadline:
-            raise TimeoutError(f"group {group_id} did not reach {members} stable members in {timeout_s:g} s")
+            raise TimeoutError(f"group {group_id} did not reach {'at least ' if at_least else ''}{members} stable "
+                               f"members in {timeout_s:g} s")
         await asyncio.sleep(0.2)
 
 
