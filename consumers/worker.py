@@ -90,7 +90,6 @@ class Worker:
         self._room = asyncio.Event()  # set when the process loop takes a batch off the queue
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
-        self.capacity = settings.capacity  # items/s advertised to the capacity assignor; measured when None
         self._measured: float | None = None  # items/s of model time (for the assignor)
         self._throughput: float | None = None  # items/s of busy wall time (for the scaling signal)
         self._consumer = kafka.consumer(
@@ -117,7 +116,7 @@ class Worker:
 
     def _advertised_capacity(self) -> float:
         """Items/s of model time: the configured figure, else the latest measure (0: unknown)."""
-        return self.capacity or self._measured or 0.0
+        return self.settings.capacity or self._measured or 0.0
 
     @property
     def stats(self) -> RunStats:
@@ -127,7 +126,7 @@ class Worker:
     async def start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
-            if self.capacity is None and self.settings.assignor == "capacity":
+            if self.settings.capacity is None and self.settings.assignor == "capacity":
                 self._measured = await asyncio.get_running_loop().run_in_executor(
                     None, self.runner.measure_capacity, self.policy.max_batch_size)
             self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
