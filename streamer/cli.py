@@ -58,6 +58,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     g.add_argument("--capacity", default=None, help="items/s to advertise to the capacity assignor (default: measured)")
     g.add_argument("--group-instance-id", dest="group_instance_id", default=None,
                    help="static membership: a restart within the session timeout triggers no rebalance")
+    g.add_argument("--metrics-port", dest="metrics_port", default=None,
+                   help="serve Prometheus metrics on this port (0: a free one)")
 
 
 def _overrides(args: argparse.Namespace, cls: type[KafkaSettings]) -> dict[str, Any]:
@@ -286,7 +288,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.file)
     settings = _settings(args, KafkaSettings)
     overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "max_buffered",
-                                                "delivery")}
+                                                "delivery", "metrics_port")}
     spec.stage(args.stage)  # fail on an unknown stage before loading anything
 
     async def serve() -> None:
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None)
     g.add_argument("--max-buffered", dest="max_buffered", default=None)
     g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"])
+    g.add_argument("--metrics-port", dest="metrics_port", default=None,
+                   help="serve Prometheus metrics on this port (0: a free one)")
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("demo", help="run the whole system end to end on an embedded broker")

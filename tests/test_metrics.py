@@ -52,7 +52,7 @@ async def test_metrics_move_during_a_run_and_lag_returns_to_zero(
     ws = created_topics
     port = free_port()
     # A slowed model (100 ms per batch of up to 32: ~4 s for the burst) so that the burst shows as lag.
-    [worker] = await processes.group(ws, 1, "--model", "tests.fault_models:slow_tiny", metrics_port=port,
+    [worker] = await processes.group(ws, 1, "--model", "tests.fault_models:slow_tiny", "--metrics-port", str(port),
                                      stats_interval_s=1, log_format="json", FAULT_DELAY_MS=100)
     before = _scrape(port)
     assert _get(before, "streamer_requests_total") == 0
