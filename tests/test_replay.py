@@ -270,3 +270,36 @@ async def test_replay_in_two_processes_joins_one_sink(created_topics: WorkerSett
     _, again, _ = _replay(ws, "--model", "tiny-mlp", "--processes", "2", "--batch-size", "64", "--sink", str(sink))
     assert again["processed"] == 0 and again["done_before"] == 400 and again["complete"]
     assert len(pq.read_table(sink)) == 400  # a finished job leaves its sink alone
+
+
+@pytest.mark.slow
+async def test_republish_into_a_live_pipeline(worker_settings: WorkerSettings, processes: Processes,
+                                              tmp_path: Path) -> None:
+    """--republish --pipeline: the range goes to the pipeline's first stage; its answers to the job's topic."""
+    from .test_pipelines import TINY
+
+    ws = worker_settings
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(TINY.format(name=name, delay_ms=0))
+    spec = load_pipeline(spec_path)
+    source = spec.input_topic(spec.order[0].name)
+    await kafka.ensure_topics(ws, [*(kafka.TopicSpec(spec.input_topic(s.name), 2) for s in spec.order),
+                                   *(kafka.TopicSpec(spec.dead_letter_topic(s.name), 1) for s in spec.order),
+                                   kafka.TopicSpec(ws.results_topic, 2)])
+    for stage in spec.order:
+        processes.stage(ws, spec_path, stage.name)
+    inputs = [np.full(4, i, dtype=np.float32) for i in range(60)]
+    await _publish(ws, source, inputs, name, "t")
+    live = {(r := Codec().decode_result(rec.value)).id: r for rec in await read_topic(ws, ws.results_topic, 60)}
+
+    _, summary, _ = _replay(ws, "--republish", "--pipeline", str(spec_path), "--topic", source, "--rate", "500",
+                            "--sink", str(tmp_path / "tiny.jsonl"))
+    assert summary["complete"] and summary["processed"] == 60 and summary["ok"] == 60
+    lines = _lines(tmp_path / "tiny.jsonl")
+    assert sorted(r["id"] for r in lines) == sorted(live)
+    for line in lines:
+        np.testing.assert_allclose(line["outputs"], live[line["id"]].outputs)
+        assert [s["stage"] for s in line["stages"]] == ["double", "total"]
+    ends, _ = await kafka.offset_bounds(ws, [TopicPartition(ws.results_topic, p) for p in range(2)])
+    assert sum(ends.values()) == 60  # the republished requests were answered on the job's topic only
