@@ -18,12 +18,9 @@ finished job has nothing left to do.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -35,18 +32,15 @@ from streamer.config import WorkerSettings
 from streamer.models import load_model
 from streamer.pipeline import PipelineSpec
 from streamer.ranges import Span
+from streamer.replay_jobs import ReplaySummary, job_group, plan_metadata, read_plan
 from streamer.sinks import Sink
 
 from ._inference import BatchRunner
 from ._items import Item, Outcome, Route
 
-__all__ = ["Engine", "ReplayJob", "ReplaySummary", "forget", "job_group", "plan_metadata", "read_plan", "replay_codec"]
+__all__ = ["Engine", "ReplayJob", "ReplaySummary", "replay_codec"]
 
 log = logging.getLogger("streamer.replay")
-
-
-def job_group(job: str) -> str:
-    return f"streamer-replay.{job}"
 
 
 class Engine:
@@ -122,25 +116,6 @@ def _anonymous_error(o: Outcome, route: Route) -> InferenceResult:
         error=ErrorInfo(code=dl.code if dl else "model_error", message=dl.message if dl else "no result",
                         stage=route.stage),
     )
-
-
-@dataclass
-class ReplaySummary:
-    range_size: int
-    done_before: int = 0  # records a stopped run of this job had done
-    processed: int = 0  # records this run did
-    statuses: Counter[str] = field(default_factory=Counter)
-    elapsed_s: float = 0.0
-    complete: bool = False
-
-    @property
-    def rate(self) -> float:
-        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"range_size": self.range_size, "done_before": self.done_before, "processed": self.processed,
-                "ok": self.statuses["ok"], "errors": self.statuses["error"], "expired": self.statuses["expired"],
-                "elapsed_s": round(self.elapsed_s, 3), "rate_per_s": round(self.rate, 1), "complete": self.complete}
 
 
 class ReplayJob:
@@ -260,39 +235,6 @@ class ReplayJob:
         if buf:
             await out.put(buf)
         await out.put(None)
-
-
-async def read_plan(settings: WorkerSettings, topic: str, job: str,
-                    fresh: list[Span]) -> tuple[list[Span], list[Span], int | None]:
-    """A job's plan from its commits: (whole range, what is left, sink checkpoint); ``fresh`` if it has none."""
-    committed = await kafka.committed_offsets(settings, job_group(job))
-    saved = {tp.partition: (om.offset, json.loads(om.metadata)) for tp, om in committed.items()
-             if tp.topic == topic and om.metadata}
-    if not saved:
-        return fresh, fresh, None
-    whole = [Span(p, meta["start"], meta["end"]) for p, (_off, meta) in sorted(saved.items())]
-    left = [Span(p, max(off, meta["start"]), meta["end"]) for p, (off, meta) in sorted(saved.items())]
-    return whole, left, min(int(meta.get("sink", 0)) for _off, meta in saved.values())
-
-
-def plan_metadata(span: Span, sink: int = 0) -> str:
-    return json.dumps({"start": span.start, "end": span.end, "sink": sink})
-
-
-async def forget(settings: WorkerSettings, topic: str, job: str) -> None:
-    """Drop a job's progress: its commits lose their plan, so the next run starts afresh."""
-    committed = await kafka.committed_offsets(settings, job_group(job))
-    tps = [tp for tp in committed if tp.topic == topic]
-    if not tps:
-        return
-    consumer = kafka.consumer(settings, group_id=job_group(job), enable_auto_commit=False)
-    async with kafka.translated_errors(settings):
-        await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.commit({tp: OffsetAndMetadata(0, "") for tp in tps})
-    finally:
-        await consumer.stop()
 
 
 def replay_codec(settings: WorkerSettings) -> Codec:

@@ -25,11 +25,11 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from consumers.replay import ReplaySummary, job_group, plan_metadata, read_plan
 from schemas import Codec, ErrorInfo, InferenceRequest, InferenceResult, ReplyTo, RoutingHeaders, WireError
 from streamer import kafka
 from streamer.config import WorkerSettings
 from streamer.ranges import Span
+from streamer.replay_jobs import ReplaySummary, job_group, plan_metadata, read_plan
 from streamer.sinks import open_sink
 
 from .client import request_headers

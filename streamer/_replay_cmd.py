@@ -75,7 +75,7 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
     )
     console = Console(stderr=True)
     if args.restart:
-        from consumers.replay import forget
+        from .replay_jobs import forget
 
         await forget(settings, topic, job)
         if args.republish:

@@ -19,11 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from consumers.replay import ReplaySummary, job_group
-
 from . import kafka
 from .config import WorkerSettings, settings_env
 from .ranges import Span
+from .replay_jobs import ReplaySummary, job_group
 from .sinks import _jsonl_to_parquet
 
 __all__ = ["replay_in_processes"]
