@@ -103,11 +103,11 @@ class BatchRunner:
         answers = await loop.run_in_executor(self._executor, self._run_bisect, [o.item.inputs for o in runnable])
         inference_ms = (time.perf_counter() - t0) * 1000
         self.stats.inference_ms_total += inference_ms
+        waits_s = [max(0.0, start - o.item.arrived) for o in runnable]
         if self.on_batch is not None:
-            self.on_batch(len(runnable), inference_ms / 1000,
-                          [max(0.0, start - o.item.arrived) for o in runnable])
-        for outcome, answer in zip(runnable, answers, strict=True):
-            queue_ms = max(0.0, (start - outcome.item.arrived) * 1000)
+            self.on_batch(len(runnable), inference_ms / 1000, waits_s)
+        for outcome, answer, wait_s in zip(runnable, answers, waits_s, strict=True):
+            queue_ms = wait_s * 1000
             self.stats.queue_ms_total += queue_ms
             timings = Timings(queue_ms=queue_ms, batch_size=len(runnable), inference_ms=inference_ms)
             if isinstance(answer, BaseException):

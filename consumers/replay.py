@@ -37,6 +37,7 @@ from streamer.sinks import Sink
 
 from ._inference import BatchRunner
 from ._items import Item, Outcome, Route
+from .stage import stage_route
 
 __all__ = ["Engine", "ReplayJob", "ReplaySummary", "replay_codec"]
 
@@ -59,19 +60,11 @@ class Engine:
     @classmethod
     def for_pipeline(cls, spec: PipelineSpec, device: str | None, codec: Codec, *,
                      keep_deadlines: bool = False) -> Engine:
-        names = [s.name for s in spec.order]
         runners = []
-        for i, st in enumerate(spec.order):
+        for st in spec.order:
             m = load_model(st.callable, device or st.device, **st.options)
-            nxt = names[i + 1] if i + 1 < len(names) else None
-            route = Route(model=spec.name, stage=st.name, first=i == 0, next_topic=spec.next_topic(st.name),
-                          next_stage=nxt)
-            runners.append(_runner(BatchRunner(m, codec, "replay", "", route), keep_deadlines))
+            runners.append(_runner(BatchRunner(m, codec, "replay", "", stage_route(spec, st.name)), keep_deadlines))
         return cls(runners, codec)
-
-    @property
-    def name(self) -> str:
-        return self.runners[0].route.model
 
     def close(self) -> None:
         for r in self.runners:
@@ -137,12 +130,8 @@ class ReplayJob:
         """Stop after the batch in hand; what is done is committed (SIGINT/SIGTERM)."""
         self._stop.set()
 
-    async def plan(self, fresh: list[Span]) -> tuple[list[Span], list[Span], int | None]:
-        """(the job's whole range, what is left of it, the sink checkpoint to resume at or None)."""
-        return await read_plan(self.settings, self.topic, self.job, fresh)
-
     async def run(self, fresh: list[Span], progress: Callable[[int, int], None] | None = None) -> ReplaySummary:
-        whole, left, sink_at = await self.plan(fresh)
+        whole, left, sink_at = await read_plan(self.settings, self.topic, self.job, fresh)
         summary = ReplaySummary(range_size=sum(s.size for s in whole),
                                 done_before=sum(s.size for s in whole) - sum(s.size for s in left))
         if sink_at is not None:

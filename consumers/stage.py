@@ -11,7 +11,7 @@ from streamer.pipeline import PipelineSpec
 from ._items import Route
 from .worker import Worker
 
-__all__ = ["stage_settings", "stage_worker"]
+__all__ = ["stage_route", "stage_settings", "stage_worker"]
 
 
 def stage_settings(spec: PipelineSpec, stage: str, settings: KafkaSettings, **overrides: Any) -> WorkerSettings:
@@ -32,12 +32,16 @@ def stage_settings(spec: PipelineSpec, stage: str, settings: KafkaSettings, **ov
     return load_settings(WorkerSettings, **values)
 
 
+def stage_route(spec: PipelineSpec, stage: str) -> Route:
+    """What a worker of ``stage`` serves: where its input comes from, where its output goes."""
+    names = [s.name for s in spec.order]
+    i = names.index(spec.stage(stage).name)
+    nxt = names[i + 1] if i + 1 < len(names) else None
+    return Route(model=spec.name, stage=names[i], first=i == 0, next_topic=spec.next_topic(names[i]), next_stage=nxt)
+
+
 def stage_worker(spec: PipelineSpec, stage: str, settings: KafkaSettings, **overrides: Any) -> Worker:
     st = spec.stage(stage)
-    names = [s.name for s in spec.order]
-    i = names.index(st.name)
     ws = stage_settings(spec, stage, settings, **overrides)
     model = load_model(st.callable, ws.device, **st.options)
-    nxt = names[i + 1] if i + 1 < len(names) else None
-    route = Route(model=spec.name, stage=st.name, first=i == 0, next_topic=spec.next_topic(st.name), next_stage=nxt)
-    return Worker(ws, model=model, route=route)
+    return Worker(ws, model=model, route=stage_route(spec, st.name))

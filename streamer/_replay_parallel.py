@@ -19,10 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import kafka
 from .config import WorkerSettings, settings_env
 from .ranges import Span
-from .replay_jobs import ReplaySummary, job_group
+from .replay_jobs import ReplaySummary, read_plan
 from .sinks import _jsonl_to_parquet
 
 __all__ = ["replay_in_processes"]
@@ -106,16 +105,14 @@ def _join(parts: list[Path], sink: Path) -> None:
 
 
 async def _watch(settings: WorkerSettings, topic: str, jobs: list[str], total: int, progress: Any) -> None:
-    """Progress from the children's commits, every second."""
+    """Progress from the children's committed plans, every second."""
     while progress:
         done = 0
         for j in jobs:
             try:
-                committed = await kafka.committed_offsets(settings, job_group(j), timeout_s=5)
+                whole, left, _ = await read_plan(settings, topic, j, [])
             except Exception:  # noqa: BLE001 - progress is best effort
                 continue
-            for tp, om in committed.items():
-                if tp.topic == topic and om.metadata:
-                    done += max(0, om.offset - json.loads(om.metadata)["start"])
+            done += sum(s.size for s in whole) - sum(s.size for s in left)
         progress(done, total)
         await asyncio.sleep(1.0)
