@@ -226,7 +226,8 @@ class LocalKafka:
                 standalone += ["--add-scram", f"SCRAM-SHA-256=[name={user},password={password}]"]
             fmt = subprocess.run(
                 [java, "-cp", classpath, f"-Dlog4j2.configurationFile={log4j}", "kafka.tools.StorageTool",
-                 "format", "-t", self.cluster_id or _cluster_id(), "-c", str(conf), *standalone],
+                 # "--cluster-id=ID" in one word: an id may begin with "-" and must not be read as an option.
+                 "format", f"--cluster-id={self.cluster_id or _cluster_id()}", "-c", str(conf), *standalone],
                 capture_output=True, text=True, check=False,
             )
             if fmt.returncode != 0:
@@ -353,4 +354,11 @@ class LocalKafkaCluster:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random cluster id as Kafka makes one (``Uuid.randomUuid``): URL-safe base64 of 16 bytes.
+
+    Like Kafka, never one that begins with "-" (about one in 64 would), which command lines misread.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
