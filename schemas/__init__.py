@@ -1,7 +1,17 @@
 """The wire contract of streamer: message models and the msgpack codec. See ``WIRE.md``."""
 
-from ._codec import DTYPES, SCHEMA_VERSION, TENSOR_EXT_CODE, Codec, Limits, RoutingHeaders
+from ._codec import DTYPES, TENSOR_EXT_CODE, Codec, Limits
 from ._errors import DecodeError, LimitExceeded, SchemaError, WireError
+from ._headers import (
+    CONTENT_TYPE_HEADER,
+    REPLY_PARTITION_HEADER,
+    REPLY_TOPIC_HEADER,
+    REQUEST_ID_HEADER,
+    SCHEMA_HEADER,
+    SCHEMA_VERSION,
+    RoutingHeaders,
+    header_text,
+)
 from ._models import (
     ErrorCode,
     ErrorInfo,
@@ -14,10 +24,17 @@ from ._models import (
     Timings,
     new_request_id,
     now_ms,
+    valid_request_id,
+    valid_topic_name,
 )
 
 __all__ = [
+    "CONTENT_TYPE_HEADER",
     "DTYPES",
+    "REPLY_PARTITION_HEADER",
+    "REPLY_TOPIC_HEADER",
+    "REQUEST_ID_HEADER",
+    "SCHEMA_HEADER",
     "SCHEMA_VERSION",
     "TENSOR_EXT_CODE",
     "Codec",
@@ -36,6 +53,9 @@ __all__ = [
     "Status",
     "Timings",
     "WireError",
+    "header_text",
     "new_request_id",
     "now_ms",
+    "valid_request_id",
+    "valid_topic_name",
 ]

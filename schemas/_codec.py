@@ -7,9 +7,10 @@ msgpack unpacker hands over the ext payload.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -18,7 +19,8 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from ._errors import DecodeError, LimitExceeded, SchemaError
-from ._models import InferenceRequest, InferenceResult, ReplyTo, StageMessage
+from ._headers import SCHEMA_VERSION
+from ._models import InferenceRequest, InferenceResult, ReplyTo, StageMessage, valid_request_id
 
 __all__ = [
     "DTYPES",
@@ -26,10 +28,8 @@ __all__ = [
     "TENSOR_EXT_CODE",
     "Codec",
     "Limits",
-    "RoutingHeaders",
 ]
 
-SCHEMA_VERSION: Final = 1
 TENSOR_EXT_CODE: Final = 1
 
 # dtype code <-> numpy dtype (always little-endian on the wire).
@@ -50,6 +50,7 @@ DTYPES: Final[dict[int, np.dtype[Any]]] = {
 _CODES: Final = {dt: code for code, dt in DTYPES.items()}
 _MAX_NDIM: Final = 8
 _FIXED = struct.Struct("<BB6x")
+_RESERVED = bytes(6)
 _ALWAYS: Final = frozenset({"inputs", "outputs", "payload"})
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -70,37 +71,6 @@ class Limits:
                      "max_container_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive")
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingHeaders:
-    """Routing facts a client copies into Kafka record headers, readable even from undecodable bytes."""
-
-    request_id: str | None
-    reply_to: ReplyTo | None
-
-    def build(self) -> list[tuple[str, bytes]]:
-        """Kafka headers for a request or stage message: the schema version and the routing facts."""
-        headers = [("streamer-schema", str(SCHEMA_VERSION).encode()), ("content-type", b"application/msgpack")]
-        if self.request_id is not None:
-            headers.append(("streamer-request-id", self.request_id.encode()))
-        if self.reply_to is not None:
-            headers.append(("streamer-reply-topic", self.reply_to.topic.encode()))
-            if self.reply_to.partition is not None:
-                headers.append(("streamer-reply-partition", str(self.reply_to.partition).encode()))
-        return headers
-
-    @classmethod
-    def parse(cls, headers: Sequence[tuple[str, bytes]] | None) -> RoutingHeaders:
-        found = dict(headers or ())
-        try:
-            rid = found["streamer-request-id"].decode() if "streamer-request-id" in found else None
-            topic = found.get("streamer-reply-topic")
-            part = found.get("streamer-reply-partition")
-            reply = ReplyTo(topic=topic.decode(), partition=int(part) if part else None) if topic else None
-        except (UnicodeDecodeError, ValueError, ValidationError):
-            return cls(None, None)
-        return cls(rid, reply)
 
 
 def _encode_tensor(arr: np.ndarray[Any, Any]) -> msgpack.ExtType:
@@ -165,11 +135,14 @@ class Codec:
         except UnicodeDecodeError as exc:
             raise DecodeError(f"invalid UTF-8 in a string: {exc.reason}") from exc
         except (msgpack.ExtraData, msgpack.FormatError) as exc:
-            raise DecodeError(f"not a single valid msgpack object: {exc}") from exc
+            why = str(exc) or "a reserved or invalid type byte"
+            raise DecodeError(f"not a single valid msgpack object: {why}") from exc
         except (ValueError, TypeError) as exc:
             # msgpack raises ValueError for a declared length over a max_*_len and for
             # truncated data, TypeError for unhashable or non-string map keys.
             raise DecodeError(f"invalid msgpack: {exc}") from exc
+        if type(obj) is msgpack.Timestamp:
+            raise DecodeError("unknown msgpack ext type -1 (timestamp); only ext type 1 (tensor) is allowed")
         _check_depth(obj, lim.max_depth)
         return obj
 
@@ -179,6 +152,8 @@ class Codec:
         if len(data) < _FIXED.size:
             raise DecodeError("tensor header is truncated")
         dcode, ndim = _FIXED.unpack_from(data, 0)
+        if data[2:8] != _RESERVED:
+            raise DecodeError("tensor header bytes 2-7 must be zero")
         dtype = DTYPES.get(dcode)
         if dtype is None:
             raise DecodeError(f"tensor dtype code {dcode} is not allowed")
@@ -227,13 +202,12 @@ class Codec:
         try:
             return model.model_validate(obj)
         except ValidationError as exc:
-            rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+            # What can still be read, so that the requester gets its error result.
+            rid = obj.get("id") if valid_request_id(obj.get("id")) else None
             reply = None
-            try:
+            with contextlib.suppress(ValidationError):
                 raw = obj.get("reply_to")
                 reply = ReplyTo.model_validate(raw) if raw is not None else None
-            except ValidationError:
-                pass
             raise SchemaError(_summarise(exc, model.__name__), request_id=rid, reply_to=reply) from exc
 
 
@@ -246,10 +220,15 @@ def _summarise(exc: ValidationError, name: str) -> str:
 
 
 def _check_depth(obj: Any, max_depth: int) -> None:
+    """Nesting depth (the top-level value is depth 1), and what msgpack lets through that the wire
+    format forbids: map keys that are not str (msgpack reads bin keys) and ext type -1 (timestamps)."""
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict):
+            for k in item:
+                if type(k) is not str:
+                    raise DecodeError(f"a map key is {type(k).__name__}; map keys must be str")
             children: Any = item.values()
         elif isinstance(item, list):
             children = item
@@ -257,4 +236,8 @@ def _check_depth(obj: Any, max_depth: int) -> None:
             continue
         if depth > max_depth:
             raise LimitExceeded(f"message nesting is deeper than {max_depth}")
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        for c in children:
+            if isinstance(c, (dict, list)):
+                stack.append((c, depth + 1))
+            elif type(c) is msgpack.Timestamp:
+                raise DecodeError("unknown msgpack ext type -1 (timestamp); only ext type 1 (tensor) is allowed")

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 __all__ = [
     "ErrorCode",
@@ -20,6 +20,8 @@ __all__ = [
     "Timings",
     "new_request_id",
     "now_ms",
+    "valid_request_id",
+    "valid_topic_name",
 ]
 
 Status = Literal["ok", "error", "expired"]
@@ -31,11 +33,27 @@ ErrorCode = Literal[
     "bad_input",  # the model rejected this item's inputs (dtype, shape, NaN, ...)
     "model_error",  # the model raised while running
     "deadline_exceeded",  # the deadline passed before inference (status "expired")
+    "bad_route",  # the reply route is not allowed, not a legal topic, or does not exist (dead letter only)
+    "undeliverable",  # the cluster refused the record (too large, topic gone); the dead letter says why
     "internal_error",
 ]
 
-_ID = Field(min_length=1, max_length=128)
-_NAME = Field(min_length=1, max_length=256)
+MAX_ID_CHARS = 128
+MAX_NAME_CHARS = 256
+_ID = Field(min_length=1, max_length=MAX_ID_CHARS)
+_NAME = Field(min_length=1, max_length=MAX_NAME_CHARS)
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def valid_request_id(value: object) -> bool:
+    """A request id a result can carry: a str of 1-128 characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
+
+
+def valid_topic_name(value: object) -> bool:
+    """A legal Kafka topic name: 1-249 of ``[a-zA-Z0-9._-]``, neither ``.`` nor ``..``."""
+    return (isinstance(value, str) and 0 < len(value) <= 249 and value not in (".", "..")
+            and _TOPIC_CHARS.issuperset(value))
 
 
 def now_ms() -> int:
@@ -56,7 +74,7 @@ class ReplyTo(_Wire):
     """Where a worker publishes the result: a topic, and optionally a fixed partition."""
 
     topic: str = _NAME
-    partition: int | None = Field(default=None, ge=0)
+    partition: StrictInt | None = Field(default=None, ge=0)  # an int on the wire: "5" is refused
 
 
 class InferenceRequest(_Wire):
@@ -69,8 +87,16 @@ class InferenceRequest(_Wire):
     created_ms: int = Field(default_factory=now_ms, ge=0)
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
-    def expired(self, at_ms: int | None = None) -> bool:
-        return self.deadline_ms is not None and (at_ms if at_ms is not None else now_ms()) > self.deadline_ms
+    # WIRE.md: optional keys may be absent or nil; nil means the default.
+    @field_validator("created_ms", mode="before")
+    @classmethod
+    def _nil_created(cls, v: Any) -> Any:
+        return now_ms() if v is None else v
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _nil_metadata(cls, v: Any) -> Any:
+        return {} if v is None else v
 
 
 class ErrorInfo(_Wire):
@@ -109,6 +135,11 @@ class StageMessage(_Wire):
     created_ms: int = Field(ge=0)
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     trail: list[StageTiming] = Field(default_factory=list)
+
+    @field_validator("metadata", "trail", mode="before")
+    @classmethod
+    def _nil_default(cls, v: Any, info: Any) -> Any:
+        return ({} if info.field_name == "metadata" else []) if v is None else v
 
 
 class InferenceResult(_Wire):

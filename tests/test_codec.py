@@ -168,3 +168,69 @@ def test_routing_headers() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_depth"):
         Limits(max_depth=0)
+
+
+# -- what WIRE.md says of odd but well-formed msgpack, and of headers (issue: no record stops a worker) --
+def _tensor(head: bytes, data: bytes) -> bytes:
+    return msgpack.packb({"id": "t", "model": "m", "inputs": msgpack.ExtType(1, head + data)})
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (_tensor(bytes([11, 1, 0, 0, 0, 0, 0, 1]) + struct.pack("<Q", 1), b"\0\0\0\0"), "bytes 2-7 must be zero"),
+    (msgpack.packb({b"id": "x"}, use_bin_type=True), "map key is bytes"),
+    (msgpack.packb({"id": "x", "inputs": {b"k": 1}}, use_bin_type=True), "map key is bytes"),
+    (msgpack.packb({"id": "x", "inputs": msgpack.Timestamp(1, 0)}, datetime=False), "ext type -1"),
+    (msgpack.packb(msgpack.Timestamp(1, 0)), "ext type -1"),
+    (b"\xc1", "reserved or invalid type byte"),
+])
+def test_forbidden_constructs_are_decode_errors(data: bytes, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        codec.decode_request(data)
+
+
+@pytest.mark.parametrize("value", [1, "text", [1, 2], None])
+def test_a_top_level_value_that_is_not_a_map_is_a_schema_error(value: Any) -> None:
+    with pytest.raises(SchemaError, match="must be a msgpack map"):
+        codec.decode_request(msgpack.packb(value))
+
+
+def test_nil_optional_keys_mean_their_defaults() -> None:
+    req = codec.decode_request(msgpack.packb({"id": "a", "model": "m", "inputs": None, "created_ms": None,
+                                              "metadata": None, "reply_to": None, "deadline_ms": None}))
+    assert req.metadata == {} and req.created_ms > 0 and req.reply_to is None
+
+
+def test_reply_partition_must_be_an_int() -> None:
+    with pytest.raises(SchemaError, match="partition"):
+        codec.decode_request(msgpack.packb({"id": "a", "model": "m", "inputs": None,
+                                            "reply_to": {"topic": "t", "partition": "5"}}))
+
+
+def test_an_id_too_long_to_answer_is_not_offered_for_the_error_result() -> None:
+    with pytest.raises(SchemaError) as info:
+        codec.decode_request(msgpack.packb({"id": "x" * 129, "model": "m", "inputs": None}))
+    assert info.value.request_id is None
+
+
+@given(st.lists(st.tuples(st.text(max_size=30), st.one_of(st.none(), st.binary(max_size=300))), max_size=8))
+def test_routing_headers_never_raise(headers: list[tuple[str, bytes | None]]) -> None:
+    parsed = RoutingHeaders.parse(headers)
+    assert parsed.request_id is None or 0 < len(parsed.request_id) <= 128
+
+
+@pytest.mark.parametrize(("headers", "rid", "topic", "partition"), [
+    ([("streamer-request-id", None), ("streamer-reply-topic", None)], None, None, None),
+    ([("streamer-request-id", b"\xff\xfe"), ("streamer-reply-topic", b"\xff")], None, None, None),
+    ([("streamer-request-id", b"x" * 129)], None, None, None),
+    ([("streamer-request-id", b"ok"), ("streamer-reply-topic", b"bad topic!")], "ok", None, None),
+    ([("streamer-reply-topic", b"t"), ("streamer-reply-partition", b"-1")], None, None, None),
+    ([("streamer-reply-topic", b"t"), ("streamer-reply-partition", b"\xd9\xa3")], None, None, None),  # Arabic 3
+    ([("streamer-reply-topic", b"t"), ("streamer-reply-partition", b"3")], None, "t", 3),
+])
+def test_unusable_routing_headers_read_as_absent(
+    headers: list[tuple[str, bytes | None]], rid: str | None, topic: str | None, partition: int | None
+) -> None:
+    parsed = RoutingHeaders.parse(headers)
+    assert parsed.request_id == rid
+    assert (parsed.reply_to.topic if parsed.reply_to else None) == topic
+    assert (parsed.reply_to.partition if parsed.reply_to else None) == partition

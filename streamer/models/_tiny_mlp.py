@@ -70,7 +70,8 @@ class TinyMLP(Model):
         elif isinstance(inputs, list) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in inputs
         ):
-            arr = np.asarray(inputs, dtype=np.float32)
+            with np.errstate(over="ignore"):  # out of float32's range: inf, refused below
+                arr = np.asarray(inputs, dtype=np.float32)
         else:
             raise BadInput("tiny-mlp takes a float32 tensor or a list of 16 numbers")
         if arr.shape != (IN_FEATURES,):
