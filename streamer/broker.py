@@ -183,7 +183,7 @@ class LocalKafka:
             "num.io.threads": "2",
             "num.partitions": "8",
             "log.cleaner.dedupe.buffer.size": str(8 * 1024 * 1024),
-            "auto.create.topics.enable": "true",
+            "auto.create.topics.enable": "false",  # a request naming a missing reply topic must not create it
         }
         if self.sasl_port is not None:
             props["listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"

@@ -13,9 +13,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
+from . import _records
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError
 from .partitioners import make_partitioner
+
+_records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
 
 __all__ = [
     "TopicSpec",
@@ -30,6 +33,7 @@ __all__ = [
     "offset_bounds",
     "partition_leaders",
     "producer",
+    "topic_partitions",
     "translated_errors",
     "wait_for_group",
 ]
@@ -243,3 +247,33 @@ async def committed_offsets(
             if not getattr(exc, "retriable", False) or loop.time() > deadline:
                 raise
         await asyncio.sleep(0.2)
+
+
+async def topic_partitions(client: Any, topics: Iterable[str], timeout_s: float = 5.0) -> dict[str, int]:
+    """Partition counts of ``topics`` in one metadata request: 0 for a topic that does not exist, is not
+    a legal name or is not authorised. A topic the answer leaves in doubt (no leader yet) is left out,
+    and so is every topic when no broker answered within ``timeout_s``. The request never asks the
+    broker to create a topic. ``client`` is a started producer's or consumer's ``.client``.
+    """
+    from aiokafka import errors
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    names = sorted(set(topics))
+    node = client.get_random_node()
+    if not names or node is None:
+        return {}
+    try:
+        response = await asyncio.wait_for(
+            client.send(node, MetadataRequest(names, allow_auto_topic_creation=False)), timeout_s)
+    except (KafkaError, TimeoutError, OSError):
+        return {}
+    absent = {errors.UnknownTopicOrPartitionError, errors.InvalidTopicError, errors.TopicAuthorizationFailedError}
+    found: dict[str, int] = {}
+    for topic_data in response.topics:
+        code, topic, partitions = topic_data[0], topic_data[1], topic_data[-1]
+        kind = errors.for_code(code)
+        if kind is errors.NoError:
+            found[topic] = len(partitions)
+        elif kind in absent:
+            found[topic] = 0
+    return found

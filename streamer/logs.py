@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "RepeatFilter", "setup_logging"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -31,6 +32,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class RepeatFilter(logging.Filter):
+    """Warnings and errors of one cause (logger and message template) at most once per ``interval_s``.
+
+    The next line of that cause that does get through says how many were held back. A broker outage
+    makes every client log the same few lines many times a second; this keeps one of each.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        cause = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        last, held = self._seen.get(cause, (-self.interval_s, 0))
+        if now - last < self.interval_s:
+            self._seen[cause] = (last, held + 1)
+            return False
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[cause] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} [{held} more like this in the last {now - last:.0f} s]"
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     """``fmt``: ``text`` (default) or ``json``; ``STREAMER_LOG_FORMAT`` when not given."""
     fmt = (fmt or os.environ.get("STREAMER_LOG_FORMAT") or "text").lower()
@@ -39,6 +69,7 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
