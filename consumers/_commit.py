@@ -59,11 +59,19 @@ class OrderedCommits:
     in order and commits. ``drain`` waits until every batch added so far is committed.
     """
 
-    def __init__(self, committer: Committer, current_epoch: Callable[[TopicPartition], int]) -> None:
+    def __init__(
+        self,
+        committer: Committer,
+        current_epoch: Callable[[TopicPartition], int],
+        settle: Callable[[Any, BaseException], Awaitable[Any]] | None = None,
+    ) -> None:
         self._committer = committer
         self._epoch = current_epoch
-        # (delivery futures, {partition: (next offset, epoch when fetched)})
-        self._queue: asyncio.Queue[tuple[list[Awaitable[Any]], dict[TopicPartition, tuple[int, int]]] | None] = (
+        # A delivery that failed is handed to ``settle`` (the outbox), which returns the future of the
+        # record written instead (a dead letter), or None, or raises when the failure is fatal.
+        self._settle = settle
+        # (deliveries: (future, ...) tuples, {partition: (next offset, epoch when fetched)})
+        self._queue: asyncio.Queue[tuple[list[Any], dict[TopicPartition, tuple[int, int]]] | None] = (
             asyncio.Queue()
         )
         self._task: asyncio.Task[None] | None = None
@@ -77,9 +85,8 @@ class OrderedCommits:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="streamer-commits")
 
-    def add(
-        self, deliveries: Iterable[Awaitable[Any]], offsets: dict[TopicPartition, tuple[int, int]]
-    ) -> None:
+    def add(self, deliveries: Iterable[Any], offsets: dict[TopicPartition, tuple[int, int]]) -> None:
+        """``deliveries``: tuples whose first element is a delivery future (see ``Outbox.send``)."""
         if self._task is not None and self._task.done():
             self._task.result()  # re-raise a fatal error from the commit task
         self._queue.put_nowait((list(deliveries), offsets))
@@ -100,8 +107,7 @@ class OrderedCommits:
                 if entry is None:
                     return
                 deliveries, offsets = entry
-                # A failed delivery raises here and stops the worker: nothing is committed past it.
-                await asyncio.gather(*deliveries)
+                await self._delivered(deliveries)
                 # Partitions revoked since these records were fetched are not ours to commit.
                 mine = {tp: off for tp, (off, epoch) in offsets.items() if epoch == self._epoch(tp)}
                 if not mine:
@@ -112,3 +118,16 @@ class OrderedCommits:
                     self.refused += 1
             finally:
                 self._queue.task_done()
+
+    async def _delivered(self, deliveries: list[Any]) -> None:
+        """Wait for every delivery; a failed one is settled, or raises and stops the worker with
+        nothing committed past it."""
+        answers = await asyncio.gather(*(d[0] for d in deliveries), return_exceptions=True)
+        for delivery, answer in zip(deliveries, answers, strict=True):
+            if not isinstance(answer, BaseException):
+                continue
+            if self._settle is None or not isinstance(answer, Exception):
+                raise answer
+            instead = await self._settle(delivery, answer)
+            if instead is not None:
+                await self._delivered([(instead, *delivery[1:-1], "dead_letter")])

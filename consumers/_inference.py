@@ -16,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from schemas import (
+    SCHEMA_HEADER,
     SCHEMA_VERSION,
     Codec,
     DecodeError,
@@ -30,6 +33,7 @@ from schemas import (
     Timings,
     WireError,
     now_ms,
+    valid_request_id,
 )
 from streamer.errors import BadInput
 from streamer.models import Model
@@ -119,10 +123,11 @@ class BatchRunner:
 
     # -- per item, on the loop -------------------------------------------------------------------------
     def _decode(self, item: Item) -> StageMessage:
-        version = dict(item.headers).get("streamer-schema", _SCHEMA)
-        if version != _SCHEMA:
-            raise DecodeError(f"unsupported schema version {version.decode(errors='replace')!r}; "
-                              f"this worker reads {SCHEMA_VERSION}")
+        for key, version in item.headers:
+            # Absent or null: version 1. Anything else but "1" is a version this worker cannot read.
+            if key == SCHEMA_HEADER and version is not None and version != _SCHEMA:
+                raise DecodeError(f"unsupported schema version {bytes(version[:64]).decode(errors='replace')!r}; "
+                                  f"this worker reads {SCHEMA_VERSION}")
         route = self.route
         if not route.first:
             msg = self.codec.decode_stage(item.value)
@@ -161,6 +166,8 @@ class BatchRunner:
                 item.inputs = self.model.validate(msg.payload)
             except BadInput as exc:
                 self.fail(outcome, "bad_input", str(exc), None)
+            except Exception as exc:  # noqa: BLE001 - a model's own validate may raise anything on odd input
+                self.fail(outcome, "bad_input", f"{type(exc).__name__}: {exc}", None)
         return outcome
 
     def _route(self, outcome: Outcome, reply: ReplyTo | None) -> None:
@@ -202,21 +209,25 @@ class BatchRunner:
         outcome.dead_letter = DeadLetter(code, message)
         msg = outcome.item.message
         rid = msg.id if msg else request_id
-        if rid is None:
-            outcome.result = None
-            return  # nobody to tell: the dead letter alone records it
+        outcome.result = None
+        if not valid_request_id(rid):
+            return  # nobody to tell (no id, or one no result can carry): the dead letter alone records it
+        assert rid is not None
         if msg is None:
             self._route(outcome, reply_to)
-        outcome.result = InferenceResult(
-            id=rid,
-            model=msg.model if msg else self.route.model,
-            model_version=self.model.version,
-            status="error",
-            error=ErrorInfo(code=code, message=message, stage=self.route.stage),
-            timings=timings,
-            stages=(msg.trail or None) if msg is not None and self.route.stage is not None else None,
-            worker=self.worker,
-        )
+        try:
+            outcome.result = InferenceResult(
+                id=rid,
+                model=msg.model if msg else self.route.model,
+                model_version=self.model.version,
+                status="error",
+                error=ErrorInfo(code=code, message=message, stage=self.route.stage),
+                timings=timings,
+                stages=(msg.trail or None) if msg is not None and self.route.stage is not None else None,
+                worker=self.worker,
+            )
+        except ValidationError:
+            outcome.result = None  # cannot happen for what the checks above let through; never raise here
 
     def _result(self, msg: StageMessage, status: Any, **fields: Any) -> InferenceResult:
         return InferenceResult(

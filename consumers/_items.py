@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ class Item:
     offset: int
     key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: Sequence[tuple[str, bytes | None]]  # as read: a value may be null, a key may hold U+FFFD
     arrived: float  # time.monotonic() when fetched
     epoch: int  # the partition's assignment epoch when fetched
     message: StageMessage | None = None  # the decoded request, in one shape for every stage

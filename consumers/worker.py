@@ -16,13 +16,12 @@ import signal
 import socket
 import time
 from collections import defaultdict
-from typing import Any
 
 import torch
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from schemas import Codec, Limits, RoutingHeaders, WireError
+from schemas import Codec, Limits
 from streamer import kafka
 from streamer.assignors import assignors
 from streamer.batching import BatchPolicy, BatchQueue
@@ -31,9 +30,9 @@ from streamer.metrics import WorkerMetrics
 from streamer.models import Model, load_model
 
 from ._commit import ConsumerCommitter, OrderedCommits
-from ._dead_letter import send_dead_letter
 from ._inference import BatchRunner, RunStats
 from ._items import Item, Outcome, Route
+from ._outbox import Delivery, Outbox
 from ._telemetry import Telemetry
 from ._transactions import TransactionalProducers
 
@@ -78,6 +77,7 @@ class Worker:
         self.metrics = WorkerMetrics(self.route.model, self.route.stage or "")
         self.telemetry = Telemetry(settings, self.metrics)
         self.runner.on_batch = self.telemetry.batch
+        self.outbox = Outbox(settings, self.codec, self.runner, self.route, self.metrics, self.name)
         self._watcher: asyncio.Task[None] | None = None
         self._queue: BatchQueue[Item] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
@@ -87,7 +87,6 @@ class Worker:
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()  # set while no batch is being processed
         self._idle.set()
-        self._room = asyncio.Event()  # set when the process loop takes a batch off the queue
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
         self._measured: float | None = None  # items/s of model time (for the assignor)
@@ -107,7 +106,8 @@ class Worker:
         )
         self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}",
                                         max_batch_size=settings.producer_batch_bytes)
-        self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp])
+        self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp],
+                                       lambda d, exc: self.outbox.settle(d, exc, self._producer))
         self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
 
     def _scaling_capacity(self) -> float:
@@ -160,8 +160,7 @@ class Worker:
     def request_stop(self) -> None:
         """Stop fetching; the batch in flight finishes and is committed (used by SIGTERM)."""
         self._stopping.set()
-        self._queue.close()
-        self._room.set()  # wake a fetch loop waiting for queue room
+        self._queue.close()  # also wakes a fetch loop waiting for queue room
 
     async def stop(self) -> None:
         self.request_stop()
@@ -284,7 +283,14 @@ class Worker:
             if self._paused:
                 consumer.resume(*consumer.paused())
                 self._paused = False
-            batches = await consumer.getmany(timeout_ms=100, max_records=room)
+            try:
+                batches = await consumer.getmany(timeout_ms=100, max_records=room)
+            except (KafkaError, UnicodeDecodeError, ValueError, AssertionError) as exc:
+                # What a record holds never gets here (see streamer._records); a poll that fails is
+                # the cluster's trouble (or aiokafka's): say so once per interval and poll again.
+                log.warning("polling for records failed: %r; retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
             if self._stopping.is_set():
                 break  # not started: these records go to whoever reads the partition next
             now = time.monotonic()
@@ -305,10 +311,9 @@ class Worker:
         stays full for a third of ``max_poll_interval_ms``; then an empty poll keeps this member
         alive in the group while the model catches up.
         """
-        self._room.clear()
         patience = self.settings.max_poll_interval_ms / 3000
         try:
-            await asyncio.wait_for(self._room.wait(), patience)
+            await asyncio.wait_for(self._queue.wait_for_room(self.max_buffered), patience)
         except TimeoutError:
             if not self._paused:
                 self._consumer.pause(*self._consumer.assignment())
@@ -318,7 +323,6 @@ class Worker:
     async def _process_loop(self) -> None:
         while True:
             batch = await self._queue.next_batch()
-            self._room.set()
             if self._stopping.is_set():
                 return  # not started: these records are redelivered to the partition's next reader
             if not batch:
@@ -327,10 +331,11 @@ class Worker:
             began = time.perf_counter()
             try:
                 outcomes = await self.runner.run(batch)
+                await self.outbox.prepare(outcomes, self._producer)
                 if self._txn is not None:
                     await self._commit_in_transactions(outcomes)
                 else:
-                    deliveries = [d for o in outcomes for d in await self._publish(o, self._producer)]
+                    deliveries = [d for o in outcomes for d in await self.outbox.send(o, self._producer)]
                     offsets: dict[TopicPartition, tuple[int, int]] = {}
                     for item in batch:
                         offsets[item.tp] = (item.offset + 1, item.epoch)
@@ -354,8 +359,8 @@ class Worker:
             producer = await self._txn.get(tp)
             try:
                 async with producer.transaction():
-                    for o in outs:
-                        await self._publish(o, producer)
+                    sent = [d for o in outs for d in await self.outbox.send(o, producer)]
+                    await self._delivered_in_transaction(sent, producer)
                     await producer.send_offsets_to_transaction({tp: outs[-1].item.offset + 1}, self.settings.group_id)
             except ProducerFenced:
                 # A newer owner of the partition started its producer: we are a zombie for this one.
@@ -377,36 +382,12 @@ class Worker:
     def _forget(self, tp: TopicPartition) -> None:
         self._queue.drop(lambda item: item.tp != tp)
 
-    async def _publish(self, outcome: Outcome, producer: AIOKafkaProducer) -> list[Any]:
-        futures = []
-        item, result = outcome.item, outcome.result
-        if outcome.forward is not None:
-            msg = outcome.forward
-            assert self.route.next_topic is not None
-            try:
-                value = self.codec.encode(msg)
-            except (WireError, TypeError) as exc:
-                self.runner.fail(outcome, "model_error", f"stage output cannot be encoded: {exc}", None)
-                result = outcome.result
-            else:
-                futures.append(await producer.send(
-                    self.route.next_topic, value, key=item.key, headers=RoutingHeaders(msg.id, msg.reply_to).build(),
-                ))
-        if result is not None and outcome.reply_topic is not None:
-            headers = RoutingHeaders(result.id, None).build()
-            try:
-                value = self.codec.encode_result(result)
-            except (WireError, TypeError) as exc:
-                # The model's output cannot go on the wire: an error result, and a dead letter.
-                self.runner.fail(outcome, "model_error", f"output cannot be encoded: {exc}", result.timings)
-                assert outcome.result is not None
-                value = self.codec.encode_result(outcome.result)
-            futures.append(await producer.send(
-                outcome.reply_topic, value, key=item.key,
-                partition=outcome.reply_partition, headers=headers,
-            ))
-        if outcome.dead_letter is not None:
-            futures.append(await send_dead_letter(
-                producer, self.settings.dead_letter_topic, item, outcome.dead_letter, self.name
-            ))
-        return futures
+    async def _delivered_in_transaction(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
+        """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
+        is gone, say) and the transaction aborts: it is redone from its start, and this time the record's
+        outcome is its dead letter."""
+        answers = await asyncio.gather(*(d[0] for d in sent), return_exceptions=True)
+        for delivery, answer in zip(sent, answers, strict=True):
+            if isinstance(answer, Exception):
+                self.outbox.learn(delivery, answer)
+                raise answer

@@ -41,6 +41,7 @@ class BatchQueue(Generic[T]):
         self._items: deque[T] = deque()
         self._head_since = 0.0  # loop time at which the current head item arrived
         self._arrived = asyncio.Event()
+        self._shrunk = asyncio.Event()  # set whenever items leave the queue, by any way
         self._closed = False
 
     def __len__(self) -> int:
@@ -56,12 +57,24 @@ class BatchQueue(Generic[T]):
         """Wake any waiter; ``next_batch`` then returns what is left, then empty lists."""
         self._closed = True
         self._arrived.set()
+        self._shrunk.set()
 
     def drop(self, keep: Callable[[T], bool]) -> int:
         """Remove the items for which ``keep`` is false; returns how many were removed."""
         before = len(self._items)
         self._items = deque(i for i in self._items if keep(i))
+        if len(self._items) < before:
+            self._shrunk.set()
         return before - len(self._items)
+
+    async def wait_for_room(self, limit: int) -> None:
+        """Return once fewer than ``limit`` items are queued, or the queue is closed.
+
+        Every way items leave (a batch taken, items dropped on a rebalance) wakes the waiter.
+        """
+        while len(self._items) >= limit and not self._closed:
+            self._shrunk.clear()
+            await self._shrunk.wait()
 
     async def next_batch(self) -> list[T]:
         """Wait for a first item, then until ``max_wait_ms`` after its arrival for the batch to fill."""
@@ -85,6 +98,8 @@ class BatchQueue(Generic[T]):
                     break
         n = min(size, len(self._items))
         batch = [self._items.popleft() for _ in range(n)]
+        if n:
+            self._shrunk.set()
         if self._items:
             # The new head has waited since at least now; it was already here.
             self._head_since = asyncio.get_running_loop().time()

@@ -86,6 +86,16 @@ class WorkerSettings(KafkaSettings):
     )
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger requests are rejected")
     max_tensor_elements: int = Field(default=16 * 1024 * 1024, ge=1)
+    reply_topics: list[str] = Field(
+        default_factory=list,
+        description="where results may go besides the results topic and '<results_topic>.*' (a trailing * "
+                    "makes a prefix); any other reply_to gets a bad_route dead letter and no write",
+    )
+    max_record_bytes: int = Field(
+        default=1_000_000, ge=4096, le=100 * 1024 * 1024,
+        description="largest record a worker writes (keep it under the broker's max.message.bytes): a larger "
+                    "result becomes an error result, a larger dead letter is truncated",
+    )
     producer_batch_bytes: int = Field(
         default=256 * 1024, ge=1024, le=1_000_000,
         description="bytes per partition per produce request; aiokafka keeps one request in flight per "

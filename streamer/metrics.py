@@ -60,6 +60,8 @@ class WorkerMetrics:
                                   registry=r)
         self.dead_letters = Counter("streamer_dead_letters", "Dead-letter records written, by error code",
                                     (*labels, "code"), registry=r)
+        self.dropped = Counter("streamer_dropped_records", "Records whose dead letter could not be written "
+                               "either (each is logged)", labels, registry=r)
         self.capacity = Gauge("streamer_capacity_items_per_second", "Items/s this worker sustains when busy",
                               labels, registry=r)
         self.arrival = Gauge("streamer_arrival_rate_per_second", "Records/s arriving on the whole input topic",

@@ -59,3 +59,23 @@ async def test_close_wakes_the_waiter_and_drop_filters() -> None:
 def test_policy_is_validated(size: int, wait: float) -> None:
     with pytest.raises(ValueError, match="max_"):
         BatchPolicy(size, wait)
+
+
+async def test_every_way_the_queue_shrinks_wakes_a_waiter_for_room() -> None:
+    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=0))
+    for i in range(8):
+        q.put(i)
+    waiter = asyncio.create_task(q.wait_for_room(8))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert q.drop(lambda i: i % 2 == 0) == 4  # a rebalance drops the revoked partitions' records
+    await asyncio.wait_for(waiter, 1)
+    waiter = asyncio.create_task(q.wait_for_room(4))
+    await asyncio.sleep(0)
+    assert await q.next_batch() == [0, 2, 4, 6]  # taking a batch
+    await asyncio.wait_for(waiter, 1)
+    q.put(1)
+    waiter = asyncio.create_task(q.wait_for_room(1))
+    await asyncio.sleep(0)
+    q.close()  # closing
+    await asyncio.wait_for(waiter, 1)

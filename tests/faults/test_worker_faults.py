@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 
@@ -122,3 +123,34 @@ async def test_a_batch_longer_than_the_poll_interval_keeps_its_membership(
     assert len({r.id for r in results}) == 40 and all(r.status == "ok" for r in results)
     assert len(raw) == 40, "no batch may be redone: a redo means the worker lost its membership"
     assert processes.logs().count("partitions revoked") == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_rebalance_while_the_queue_is_full_does_not_stall_the_worker(
+    mode: str, created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+) -> None:
+    """Worker A's queue is full when B joins: the rebalance drops A's queued records, and A must fetch
+    again at once, not after max_poll_interval_ms / 3 (100 s) waiting for room that was already made."""
+    ws = created_topics
+    slow = {"torch_threads": 1, "delivery": mode, "max_batch_size": 8, "FAULT_DELAY_MS": 250}
+    processes.worker(ws, *SLOW, **slow)
+    await processes.wait_group(ws, ws.group_id, 1)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(scaled(400), seed=41)
+    arrived: list[float] = []
+    async with StreamerClient(client_settings) as client:
+        futures = [await client.submit(x, model="slow-tiny", key=f"k{i % 16}", timeout_s=240)
+                   for i, x in enumerate(inputs)]
+        for f in futures:
+            f.add_done_callback(lambda _f: arrived.append(time.monotonic()))
+        # A is serving, 8 records per 250 ms, with its queue full behind.
+        await asyncio.wait(futures[:16])
+        processes.worker(ws, *SLOW, **slow)
+        joined = time.monotonic()
+        results = await asyncio.gather(*futures)
+    assert all(r.status == "ok" for r in results)
+    assert len({r.worker for r in results}) == 2  # both served
+    after = [t - joined for t in arrived if t > joined]
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *sorted(after)])]
+    report(f"rebalance with a full queue [{mode}]: {len(after)} requests answered in {max(after):.1f} s after "
+           f"the join, longest pause {max(gaps):.1f} s")
+    assert max(after) < 60, "a worker stalled after a rebalance with a full queue"

@@ -1,0 +1,80 @@
+"""Where a worker may write a result: the reply-route policy, and what the cluster says of each route.
+
+A client names its reply route, so a client could otherwise make workers write anywhere they can
+(the request topic, a topic of another team). Results go only to the results topic, topics under
+``<results_topic>.`` (private reply topics, replay jobs) and the ``reply_topics`` allow-list; never
+to the worker's own input or dead-letter topic, nor to an internal topic.
+
+Whether a route exists is asked of the cluster once per topic, in one metadata request per batch
+that never creates a topic; an absent topic is remembered for ``ttl_s``, so requests that name a
+deleted reply topic (a client closed with requests in flight) cost nothing more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from schemas import valid_topic_name
+from streamer import kafka
+from streamer.config import WorkerSettings
+
+__all__ = ["ReplyRoutes"]
+
+
+class ReplyRoutes:
+    def __init__(self, settings: WorkerSettings, ttl_s: float = 5.0) -> None:
+        results = settings.results_topic
+        self.default_topic = results
+        allowed = [results, f"{results}.*", *settings.reply_topics]
+        self._names = frozenset(a for a in allowed if not a.endswith("*"))
+        self._prefixes = tuple(a[:-1] for a in allowed if a.endswith("*"))
+        self._forbidden = frozenset({settings.request_topic, settings.dead_letter_topic})
+        self._ttl_s = ttl_s
+        self._absent: dict[str, float] = {}  # topic -> monotonic time it was last found absent
+        self._counts: dict[str, int] = {}  # partition counts found by resolve, until the producer knows them
+
+    def allowed(self, topic: str) -> bool:
+        if topic in self._forbidden or topic.startswith("__") or not valid_topic_name(topic):
+            return False
+        return topic in self._names or topic.startswith(self._prefixes)
+
+    def refuse(self, client: Any, topic: str, partition: int | None) -> str | None:
+        """Why a result may not go to ``topic``/``partition`` (None: as far as is known, it may).
+
+        ``client`` is the producer's client, whose metadata knows the topics it wrote to.
+        """
+        if not self.allowed(topic):
+            return f"reply topic {topic[:300]!r} is not an allowed reply route (see the reply_topics setting)"
+        if self._absent_now(topic):
+            return f"reply topic {topic!r} does not exist"
+        known = client.cluster.partitions_for_topic(topic)
+        partitions = len(known) if known is not None else self._counts.get(topic)
+        if partition is not None and partitions is not None and partition >= partitions:
+            return f"reply partition {partition} does not exist: {topic!r} has {partitions} partition(s)"
+        return None
+
+    def _absent_now(self, topic: str) -> bool:
+        seen = self._absent.get(topic)
+        if seen is None:
+            return False
+        if time.monotonic() - seen > self._ttl_s:
+            del self._absent[topic]
+            return False
+        return True
+
+    def mark_absent(self, topic: str) -> None:
+        self._absent[topic] = time.monotonic()
+
+    async def resolve(self, client: Any, topics: Iterable[str]) -> None:
+        """Ask the cluster about allowed topics the producer does not know yet (one request)."""
+        unknown = {t for t in topics if self.allowed(t) and not self._absent_now(t)
+                   and client.cluster.partitions_for_topic(t) is None}
+        if not unknown:
+            return
+        for topic, count in (await kafka.topic_partitions(client, unknown)).items():
+            if count == 0:
+                self.mark_absent(topic)
+            elif len(self._counts) < 10_000:
+                self._counts[topic] = count

@@ -1,0 +1,165 @@
+"""No record stops a worker: what a client in another language could send, on a real broker and worker.
+
+Each case once made a worker exit (or, exactly-once, hang). Now each record ends in exactly one
+outcome: its result, an error result with a dead letter, or a dead letter alone where no result
+can be routed; good requests around them are answered, and the committed offset reaches the
+log's end. Both delivery modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.producer import message_accumulator
+from aiokafka.producer import producer as aiokafka_producer
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+from schemas import Codec
+from streamer import WorkerSettings, kafka
+
+from .helpers import Processes, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+KEY = b"same-partition"  # every record on one partition, so bad and good records share batches
+
+
+class RawKey(str):
+    """A header key that goes on the wire as the given bytes (not UTF-8), as another client may write it."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+@contextlib.contextmanager
+def pure_python_batches() -> Iterator[None]:
+    """aiokafka's pure-Python record builder, which writes RawKey's bytes as they are."""
+    fast = message_accumulator.DefaultRecordBatchBuilder
+    for module in (message_accumulator, aiokafka_producer):
+        module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in (message_accumulator, aiokafka_producer):
+            module.DefaultRecordBatchBuilder = fast  # type: ignore[attr-defined]
+
+
+def body(rid: str, **fields: Any) -> bytes:
+    return msgpack.packb({"id": rid, "model": "tiny-mlp", "inputs": [0.5] * 16, **fields}, use_bin_type=True)
+
+
+def hdr(rid: str | bytes | None = None, **extra: bytes | None) -> list[tuple[str, bytes | None]]:
+    h: list[tuple[str, bytes | None]] = [("streamer-schema", b"1")]
+    if rid is not None:
+        h.append(("streamer-request-id", rid.encode() if isinstance(rid, str) else rid))
+    h.extend((k.replace("_", "-"), v) for k, v in extra.items())
+    return h
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+async def test_records_that_once_stopped_a_worker_each_get_one_outcome(
+    delivery: str, worker_settings: WorkerSettings, processes: Processes
+) -> None:
+    ws = worker_settings
+    one_part = f"{ws.results_topic}.reply.one-partition"
+    gone = f"{ws.results_topic}.reply.closed-client"
+    await kafka.ensure_topics(ws, [
+        kafka.TopicSpec(ws.request_topic, 2), kafka.TopicSpec(ws.results_topic, 2),
+        kafka.TopicSpec(ws.dead_letter_topic, 1), kafka.TopicSpec(one_part, 1),
+    ])
+    long_id = "x" * 200
+    huge = body("huge", inputs="a" * (2 * 1024 * 1024))  # gzip makes it small on the wire: 2 MiB once read
+    # (name, value, headers, compression, expected result code ("ok", an error code, None: no result),
+    #  expected dead-letter code (None: none))
+    cases: list[tuple[str, bytes, list[tuple[str, bytes | None]], str | None, str | None, str | None]] = [
+        ("good-plain", body("good-plain"), hdr("good-plain"), None, "ok", None),
+        *((f"good-{c}", body(f"good-{c}"), hdr(f"good-{c}"), c, "ok", None) for c in ("gzip", "snappy", "lz4", "zstd")),
+        ("long-id", body(long_id), hdr(), None, None, "schema_error"),
+        ("long-id-header", b"\xc1 not msgpack", hdr(long_id), None, None, "decode_error"),
+        ("bad-partition", body("bad-partition", reply_to={"topic": one_part, "partition": 5}), hdr("bad-partition"),
+         None, None, "bad_route"),
+        ("illegal-topic", body("illegal-topic", reply_to={"topic": "no spaces allowed!"}), hdr("illegal-topic"),
+         None, None, "bad_route"),
+        ("internal-topic", body("internal-topic", reply_to={"topic": "__consumer_offsets"}), hdr("internal-topic"),
+         None, None, "bad_route"),
+        ("long-topic", body("long-topic", reply_to={"topic": "t" * 250}), hdr("long-topic"), None, None, "bad_route"),
+        ("request-topic", body("request-topic", reply_to={"topic": ws.request_topic}), hdr("request-topic"),
+         None, None, "bad_route"),
+        ("gone-topic", body("gone-topic", reply_to={"topic": gone}), hdr("gone-topic"), None, None, "bad_route"),
+        ("null-schema", body("null-schema"), [("streamer-schema", None), ("streamer-request-id", None)], None, "ok",
+         None),
+        ("bad-utf8-key", body("bad-utf8-key"), [*hdr("bad-utf8-key"), (RawKey(b"\xff\xfe-key"), b"v")], "snappy",
+         "ok", None),
+        ("bad-utf8-value", b"\xc1 not msgpack", hdr(b"\xff\xfe"), None, None, "decode_error"),
+        ("nil-optionals", body("nil-optionals", created_ms=None, metadata=None), hdr("nil-optionals"), None, "ok",
+         None),
+        ("string-partition", body("string-partition", reply_to={"topic": ws.results_topic, "partition": "0"}),
+         hdr("string-partition"), None, "schema_error", "schema_error"),
+        ("huge", huge, hdr("huge"), "gzip", "decode_error", "decode_error"),  # over max_str_bytes
+        ("good-last", body("good-last"), hdr("good-last"), None, "ok", None),
+    ]
+    producers: dict[str | None, Any] = {}
+    try:
+        for _name, value, headers, codec, *_ in cases:
+            if codec not in producers:
+                producers[codec] = kafka.producer(ws, compression_type=codec, max_request_size=16 * 1024 * 1024)
+                await producers[codec].start()
+            with pure_python_batches():
+                await producers[codec].send_and_wait(ws.request_topic, value, key=KEY, headers=headers)
+    finally:
+        for p in producers.values():
+            await p.stop()
+
+    w = processes.worker(ws, delivery=delivery, max_batch_size=4)
+    answered = [c for c in cases if c[4] is not None]
+    dead = [c for c in cases if c[5] is not None]
+    results = {r.id: r for r in (Codec().decode_result(rec.value)
+                                 for rec in await read_topic(ws, ws.results_topic, len(answered), timeout_s=120))}
+    assert set(results) == {c[0] for c in answered}
+    for name, *_rest, code, _dl in answered:
+        r = results[name]
+        assert (r.status if code == "ok" else r.error and r.error.code) == code, (name, r)
+    letters = await read_topic(ws, ws.dead_letter_topic, len(dead), timeout_s=60)
+    assert len(letters) == len(dead)
+    by_offset = {int(dict(d.headers)["streamer-source-offset"]): d for d in letters}
+    for offset, (name, value, _h, _c, _code, dl_code) in enumerate(cases):
+        if dl_code is None:
+            assert offset not in by_offset, name
+            continue
+        d = dict(by_offset[offset].headers)
+        assert d["streamer-error-code"].decode() == dl_code, (name, d["streamer-error-message"])
+        if name == "huge":  # over the broker's limit: cut, and said so
+            assert int(d["streamer-truncated-from"]) == len(value)
+            assert 0 < len(by_offset[offset].value) <= ws.max_record_bytes
+        else:
+            assert by_offset[offset].value == value, name
+    # Every record is accounted for: the group's commit reaches the end, the worker is alive, and the
+    # worker wrote into no topic a client named (the request topic, a deleted reply topic).
+    request_tp = TopicPartition(ws.request_topic, next(iter({r.partition for r in letters}), 0))
+    ends, _ = await kafka.offset_bounds(ws, [request_tp])
+    async with asyncio.timeout(60):
+        while True:
+            committed = await kafka.committed_offsets(ws, ws.group_id)
+            if committed.get(request_tp) is not None and committed[request_tp].offset == ends[request_tp]:
+                break
+            await asyncio.sleep(0.5)
+    assert ends[request_tp] == len(cases)
+    assert w.proc.poll() is None, processes.logs()[-3000:]
+    async with kafka.admin(ws) as admin:
+        assert gone not in await admin.list_topics()
+    reply_ends, _ = await kafka.offset_bounds(ws, [TopicPartition(one_part, 0)])
+    assert reply_ends[TopicPartition(one_part, 0)] == 0
+
