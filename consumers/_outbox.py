@@ -184,8 +184,8 @@ class Outbox:
             raise exc  # our own stage topic is unreachable: stop, commit nothing past it
         if kind == "result" and isinstance(exc, _GONE) and outcome.reply_topic is not None:
             self.routes.mark_absent(outcome.reply_topic)
-        if outcome.dead_letter is not None:  # an error result: its dead letter is written already
-            self.drop(outcome, exc)
+        if outcome.dead_letter is not None:  # an error result: its dead letter, written already, is its outcome
+            log.warning("%s: the error result could not be delivered (%r)", _who(outcome), exc)
             return None
         self.runner.stats.dead_letters += 1
         outcome.dead_letter = DeadLetter("undeliverable", f"the {kind} could not be delivered: {exc!r}")

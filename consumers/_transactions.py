@@ -41,7 +41,8 @@ class TransactionalProducers:
             producer = kafka.producer(self.settings, transactional_id=self.transactional_id(tp),
                                       client_id=f"{self.settings.client_id}-txn-{self.worker}",
                                       transaction_timeout_ms=max(10_000, 2 * self.settings.session_timeout_ms),
-                                      max_batch_size=self.settings.producer_batch_bytes)
+                                      max_batch_size=self.settings.producer_batch_bytes,
+                                      request_timeout_ms=self.settings.produce_timeout_ms)
             async with kafka.translated_errors(self.settings):
                 await producer.start()  # fences any older producer of this id and aborts its open transaction
             self._producers[tp] = producer

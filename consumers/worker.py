@@ -105,7 +105,8 @@ class Worker:
             isolation_level="read_committed",  # never read what an aborted transaction wrote
         )
         self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}",
-                                        max_batch_size=settings.producer_batch_bytes)
+                                        max_batch_size=settings.producer_batch_bytes,
+                                        request_timeout_ms=settings.produce_timeout_ms)
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp],
                                        lambda d, exc: self.outbox.settle(d, exc, self._producer))
         self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
@@ -130,6 +131,7 @@ class Worker:
                 self._measured = await asyncio.get_running_loop().run_in_executor(
                     None, self.runner.measure_capacity, self.policy.max_batch_size)
             self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
+            await kafka.wait_for_cluster(self.settings, self.settings.startup_timeout_s)
             async with kafka.translated_errors(self.settings):
                 await self._producer.start()
                 await self._consumer.start()

@@ -13,6 +13,7 @@ from .errors import (
     ModelError,
     ModelNotFound,
     StreamerError,
+    TlsFailed,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ModelError",
     "ModelNotFound",
     "StreamerError",
+    "TlsFailed",
     "WorkerSettings",
     "load_settings",
 ]

@@ -109,6 +109,7 @@ class LocalKafka:
         voters: str | None = None,
         cluster_id: str | None = None,
         scram_users: dict[str, str] | None = None,
+        ssl_keystore: str | Path | None = None,
     ) -> None:
         self.node_id = node_id
         self.voters = voters  # "1@host:port,2@host:port,..." for a multi-node cluster
@@ -123,6 +124,9 @@ class LocalKafka:
         self.port = port or saved.get("port") or free_port()
         self.controller_port = controller_port or saved.get("controller_port") or free_port()
         self.sasl_port = (saved.get("sasl_port") or free_port()) if self.scram_users else None
+        # A PEM file with the broker's private key (PKCS#8, unencrypted) and certificate chain: an SSL listener.
+        self.ssl_keystore = Path(ssl_keystore) if ssl_keystore else None
+        self.ssl_port = (saved.get("ssl_port") or free_port()) if self.ssl_keystore else None
         self.heap_mb = heap_mb
         self.version = version
         self.extra = extra_properties or {}
@@ -146,6 +150,13 @@ class LocalKafka:
         if self.sasl_port is None:
             raise BrokerError("this broker has no SASL listener: give scram_users")
         return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        """The SSL listener, when ``ssl_keystore`` was given."""
+        if self.ssl_port is None:
+            raise BrokerError("this broker has no SSL listener: give ssl_keystore")
+        return f"127.0.0.1:{self.ssl_port}"
 
     @property
     def log_file(self) -> Path:
@@ -193,6 +204,12 @@ class LocalKafka:
             props["listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config"] = (
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;"
             )
+        if self.ssl_port is not None:
+            props["listeners"] += f",SSL://127.0.0.1:{self.ssl_port}"
+            props["advertised.listeners"] += f",SSL://127.0.0.1:{self.ssl_port}"
+            props["listener.security.protocol.map"] += ",SSL:SSL"
+            props["ssl.keystore.type"] = "PEM"
+            props["ssl.keystore.location"] = str(self.ssl_keystore)
         props.update(self.extra)
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
@@ -214,7 +231,8 @@ class LocalKafka:
         conf = self.data_dir / "server.properties"
         conf.write_text(self._properties())
         (self.data_dir / "ports.json").write_text(
-            json.dumps({"port": self.port, "controller_port": self.controller_port, "sasl_port": self.sasl_port})
+            json.dumps({"port": self.port, "controller_port": self.controller_port, "sasl_port": self.sasl_port,
+                        "ssl_port": self.ssl_port})
         )
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_file, level="WARN"))

@@ -72,8 +72,11 @@ class WorkerSettings(KafkaSettings):
         default=None, min_length=1, description="static membership: a restart within the session timeout keeps "
                                                 "the partitions, with no rebalance",
     )
-    session_timeout_ms: int = Field(default=10_000, ge=1000)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    session_timeout_ms: int = Field(
+        default=6_000, ge=1000, description="a member silent this long is out: its partitions move on (the "
+                                            "broker's group.min.session.timeout.ms, 6 s by default, is the floor)",
+    )
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100, description="at most a third of session_timeout_ms")
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default: torch's")
@@ -86,6 +89,14 @@ class WorkerSettings(KafkaSettings):
     )
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger requests are rejected")
     max_tensor_elements: int = Field(default=16 * 1024 * 1024, ge=1)
+    startup_timeout_s: float = Field(
+        default=60.0, ge=0, description="a worker started before its cluster answers retries for this long"
+    )
+    produce_timeout_ms: int = Field(
+        default=10_000, ge=1000, le=300_000,
+        description="a produce request's timeout (retried after it), and how long a record waits for a partition "
+                    "that lost its leader, as a deleted reply topic's does, before it becomes a dead letter",
+    )
     reply_topics: list[str] = Field(
         default_factory=list,
         description="where results may go besides the results topic and '<results_topic>.*' (a trailing * "

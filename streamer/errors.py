@@ -22,6 +22,7 @@ __all__ = [
     "ModelError",
     "ModelNotFound",
     "StreamerError",
+    "TlsFailed",
 ]
 
 
@@ -45,6 +46,10 @@ class BrokerError(FatalError):
 
 class AuthenticationFailed(BrokerError):
     """The cluster refused our SASL credentials."""
+
+
+class TlsFailed(BrokerError):
+    """The TLS handshake with the cluster failed (an untrusted certificate, say); retrying will not help."""
 
 
 class ModelNotFound(FatalError):

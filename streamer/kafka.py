@@ -15,7 +15,7 @@ from aiokafka.helpers import create_ssl_context
 
 from . import _records
 from .config import KafkaSettings
-from .errors import AuthenticationFailed, BrokerError
+from .errors import AuthenticationFailed, BrokerError, TlsFailed
 from .partitioners import make_partitioner
 
 _records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
@@ -35,6 +35,7 @@ __all__ = [
     "producer",
     "topic_partitions",
     "translated_errors",
+    "wait_for_cluster",
     "wait_for_group",
 ]
 
@@ -49,6 +50,13 @@ async def translated_errors(settings: KafkaSettings) -> AsyncIterator[None]:
     try:
         yield
     except KafkaConnectionError as exc:
+        if settings.security_protocol.endswith("SSL"):
+            why = await _tls_refused(settings)
+            if why is not None:
+                raise TlsFailed(
+                    f"TLS to the cluster at {settings.bootstrap_servers} failed: {why}. If the brokers' certificates "
+                    "are signed by a private CA, set ssl_cafile (STREAMER_SSL_CAFILE) to that CA's PEM file."
+                ) from exc
         if settings.security_protocol.startswith("SASL") and await _credentials_refused(settings):
             raise AuthenticationFailed(
                 f"the cluster at {settings.bootstrap_servers} refused user {settings.sasl_username!r} "
@@ -56,6 +64,26 @@ async def translated_errors(settings: KafkaSettings) -> AsyncIterator[None]:
                 "(STREAMER_SASL_USERNAME / STREAMER_SASL_PASSWORD)."
             ) from exc
         raise BrokerError(f"cannot reach the cluster at {settings.bootstrap_servers}: {exc}") from exc
+
+
+async def _tls_refused(settings: KafkaSettings) -> str | None:
+    """Why a TLS handshake with the first bootstrap server fails (an untrusted certificate, say); None if it
+    does not, or the server cannot be reached at all."""
+    import ssl
+
+    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), ssl=client_kwargs(settings)["ssl_context"],
+                                    server_hostname=host), 10)
+    except ssl.SSLCertVerificationError as exc:
+        return f"certificate verify failed: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return str(exc.reason or exc)
+    except (OSError, TimeoutError, ValueError):
+        return None
+    writer.close()
+    return None
 
 
 async def _credentials_refused(settings: KafkaSettings) -> bool:
@@ -130,6 +158,36 @@ async def admin(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
         yield client
     finally:
         await client.close()
+
+
+async def wait_for_cluster(settings: KafkaSettings, timeout_s: float) -> None:
+    """Wait until the cluster answers, retrying with backoff (0.5 s doubling to 5 s) for up to ``timeout_s``.
+
+    A process started before its cluster (compose, a restart during an outage) waits, as Kafka's own
+    clients do, instead of exiting. Refused credentials fail at once; after ``timeout_s`` the last
+    failure comes out as a :class:`BrokerError` naming the bootstrap servers.
+    """
+    import logging
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay, said = 0.5, False
+    while True:
+        try:
+            async with admin(settings):
+                return
+        except (AuthenticationFailed, TlsFailed):
+            raise  # retrying cannot help
+        except BrokerError:
+            if loop.time() + delay > deadline:
+                raise
+            if not said:
+                logging.getLogger("streamer").warning(
+                    "the cluster at %s does not answer yet; retrying for up to %g s (startup_timeout_s)",
+                    settings.bootstrap_servers, timeout_s)
+                said = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 @dataclass(frozen=True, slots=True)

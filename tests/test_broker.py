@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from streamer import kafka
-from streamer.broker import LocalKafka, _cluster_id
+from producers import StreamerClient
+from streamer import ClientSettings, WorkerSettings, kafka
+from streamer.broker import LocalKafka, _cluster_id, free_port
 from streamer.config import KafkaSettings
+from streamer.demo import WorkerProcess
+
+from .helpers import settings_env
 
 
 def test_generated_cluster_ids_never_begin_with_a_dash() -> None:
@@ -31,3 +39,37 @@ async def test_a_cluster_id_that_begins_with_a_dash_formats_and_serves() -> None
         assert await kafka.ensure_topics(settings, [kafka.TopicSpec("dash-id-check", 1)]) == ["dash-id-check"]
     finally:
         broker.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_a_worker_started_before_its_cluster_waits_for_it(tmp_path: Path) -> None:
+    port, controller_port = free_port(), free_port()
+    settings = WorkerSettings(bootstrap_servers=f"127.0.0.1:{port}", request_topic="wait.requests",
+                              results_topic="wait.results", dead_letter_topic="wait.dlq", group_id="wait")
+    worker = WorkerProcess(settings_env(settings), tmp_path / "worker.log")
+    broker = LocalKafka(port=port, controller_port=controller_port)
+    try:
+        await asyncio.sleep(3)
+        assert worker.proc.poll() is None, (tmp_path / "worker.log").read_text()
+        await asyncio.to_thread(broker.start)
+        await kafka.ensure_topics(settings, [kafka.TopicSpec(t, 1) for t in ("wait.requests", "wait.results",
+                                                                              "wait.dlq")])
+        client = ClientSettings(bootstrap_servers=settings.bootstrap_servers, request_topic="wait.requests",
+                                results_topic="wait.results", timeout_s=90)
+        async with StreamerClient(client) as c:
+            assert (await c.infer([0.5] * 16, model="tiny-mlp")).status == "ok"
+    finally:
+        worker.stop()
+        broker.stop()
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("does not answer yet") == 1  # one line, not one per retry
+
+
+def test_a_worker_gives_up_on_an_absent_cluster_with_one_clear_line(tmp_path: Path) -> None:
+    env = {**os.environ, "STREAMER_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}", "STREAMER_STARTUP_TIMEOUT_S": "2"}
+    done = subprocess.run([sys.executable, "-m", "streamer", "worker"], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "streamer: error: cannot reach the cluster at 127.0.0.1:" in done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,9 +21,11 @@ from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as aiokafka_producer
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
+from producers import StreamerClient
 from schemas import Codec
-from streamer import WorkerSettings, kafka
+from streamer import ClientSettings, WorkerSettings, kafka
 
+from .faults.load import report
 from .helpers import Processes, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -163,3 +166,34 @@ async def test_records_that_once_stopped_a_worker_each_get_one_outcome(
     reply_ends, _ = await kafka.offset_bounds(ws, [TopicPartition(one_part, 0)])
     assert reply_ends[TopicPartition(one_part, 0)] == 0
 
+
+
+async def test_a_client_that_closes_with_requests_in_flight_costs_the_worker_little(
+    created_topics: WorkerSettings, client_settings: ClientSettings, processes: Processes
+) -> None:
+    """Its private reply topic is deleted while results for it are queued: they become dead letters, the
+    topic is not re-created, and the next client's requests are served as before."""
+    ws = created_topics
+    processes.worker(ws, "--model", "tests.fault_models:slow_tiny", max_batch_size=8, FAULT_DELAY_MS=100)
+    await processes.wait_group(ws, ws.group_id, 1)
+    x = [0.25] * 16
+    leaving = StreamerClient(client_settings)
+    await leaving.start()
+    gone = leaving.reply_to.topic
+    pending = [await leaving.submit(x, model="slow-tiny", key=f"k{i}") for i in range(80)]
+    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)  # served, with most still queued
+    await leaving.close()  # deletes its reply topic
+    t0 = time.monotonic()
+    async with StreamerClient(client_settings) as staying:
+        results = await asyncio.gather(*[await staying.submit(x, model="slow-tiny", key=f"k{i}") for i in range(16)])
+    waited = time.monotonic() - t0
+    assert all(r.status == "ok" for r in results)
+    unanswered = sum(1 for f in pending if f.cancelled() or f.exception() is not None)
+    letters = await read_topic(ws, ws.dead_letter_topic, unanswered, timeout_s=120)
+    codes = {dict(d.headers)["streamer-error-code"].decode() for d in letters}
+    assert codes <= {"bad_route", "undeliverable"}, codes
+    async with kafka.admin(ws) as admin:
+        assert gone not in await admin.list_topics()
+    report(f"a client closed with {unanswered} requests in flight: {len(letters)} dead letters "
+           f"({', '.join(sorted(codes))}); the next client's 16 requests took {waited:.1f} s")
+    processes.check_alive()

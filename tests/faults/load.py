@@ -140,8 +140,12 @@ def isolation(mode: str) -> str:
     return "read_committed" if mode == "exactly-once" else "read_uncommitted"
 
 
+LIVENESS_S = 60.0  # a liveness bound, not a speed goal: a case that takes longer to recover is stuck
+
+
 def check(fig: Figures, mode: str) -> None:
     assert fig.lost == 0, fig
+    assert fig.recover_s <= LIVENESS_S, f"no recovery within {LIVENESS_S:g} s: {fig}"
     assert fig.duplicates_after_dedup == 0, fig
     assert fig.order_violations == 0, fig
     if mode == "exactly-once":
