@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,47 @@ async def test_partitioner_through_a_worker(
             arrived[int(r.id) % keys].append(r.id)
         for ids in arrived.values():
             assert ids == sorted(ids)
+
+
+def _wire_md_vectors() -> list[tuple[bytes, int, tuple[int, ...]]]:
+    text = (Path(__file__).resolve().parent.parent / "schemas" / "WIRE.md").read_text()
+    table = text[text.index("| key (UTF-8) | murmur2"):].split("\n\n")[0].splitlines()[2:]
+    rows = []
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        key = b"" if cells[0] == "(empty)" else cells[0].strip("`").encode()
+        rows.append((key, int(cells[1]), tuple(int(c) for c in cells[2:])))
+    return rows
+
+
+def _murmur2_as_wire_md_says(data: bytes) -> int:
+    """The pseudocode of WIRE.md, written out, for a client in another language to compare with."""
+    mask, m, r = 0xFFFFFFFF, 0x5BD1E995, 24
+    n = len(data)
+    h = (0x9747B28C ^ n) & mask
+    for i in range(0, n - n % 4, 4):
+        k = data[i] | data[i + 1] << 8 | data[i + 2] << 16 | data[i + 3] << 24
+        k = (k * m) & mask
+        k ^= k >> r
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    t = data[n - n % 4:]
+    if n % 4 == 3:
+        h ^= t[2] << 16
+    if n % 4 >= 2:
+        h ^= t[1] << 8
+    if n % 4 >= 1:
+        h ^= t[0]
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def test_wire_md_vectors_match_the_partitioner_and_the_documented_algorithm() -> None:
+    rows = _wire_md_vectors()
+    assert [(k.decode(), h, p) for k, h, p in rows] == JAVA_PAIRS
+    for key, java_hash, parts in rows:
+        assert _murmur2_as_wire_md_says(key) == java_hash
+        assert tuple(murmur2_partition(key, n) for n in COUNTS) == parts
