@@ -78,7 +78,12 @@ class Run:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if self.variant.startswith("streamer"):
             env.update(settings_env(s))
+            if self.variant.endswith("-1t"):
+                env["STREAMER_TORCH_THREADS"] = "1"
             cmd = [sys.executable, "-m", "streamer", "--log-level", "WARNING", "worker"]
+        elif self.variant == "floor":
+            cmd = [sys.executable, str(ROOT / "bench" / "floor_loop.py"), s.bootstrap_servers, s.request_topic,
+                   s.group_id, str(BATCH)]
         else:
             cmd = [sys.executable, str(ROOT / "bench" / "naive_loop.py"), s.bootstrap_servers, s.request_topic,
                    s.group_id]

@@ -20,7 +20,6 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidTopicError,
-    KafkaError,
     LeaderNotAvailableError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
@@ -29,6 +28,7 @@ from aiokafka.errors import (
 )
 
 from schemas import REQUEST_ID_HEADER, Codec, RoutingHeaders, WireError
+from streamer import kafka
 from streamer.config import WorkerSettings
 from streamer.metrics import WorkerMetrics
 
@@ -41,10 +41,11 @@ __all__ = ["Delivery", "Outbox"]
 
 log = logging.getLogger("streamer.worker")
 
-# Refusals that concern one record (its size, its topic), not the cluster's health.
-_RECORD_ERRORS = (MessageSizeTooLargeError, InvalidTopicError, TopicAuthorizationFailedError,
-                  UnknownTopicOrPartitionError)
-_GONE = (UnknownTopicOrPartitionError, NotLeaderForPartitionError, LeaderNotAvailableError, InvalidTopicError)
+# Refusals that concern one record (its size, its topic's name or rights), whatever the cluster's health.
+_RECORD_ERRORS = (MessageSizeTooLargeError, InvalidTopicError, TopicAuthorizationFailedError)
+# Errors that a deleted topic gives, and a broker failover too: the record's only once the cluster says
+# the topic is gone (a metadata request), else the cluster's.
+_MAYBE_GONE = (UnknownTopicOrPartitionError, NotLeaderForPartitionError, LeaderNotAvailableError)
 _HEADERS_SIZE = 200  # routing headers of a result or stage message, generously
 
 Delivery = tuple[Any, Outcome, str]  # (delivery future, its outcome, "result" | "forward" | "dead_letter")
@@ -133,11 +134,22 @@ class Outbox:
         try:
             return await producer.send(outcome.reply_topic, value, key=key, partition=outcome.reply_partition,
                                        headers=RoutingHeaders(result.id, None).build())
-        except (KafkaError, AssertionError, ValueError) as exc:  # AssertionError: aiokafka's partition check
-            if isinstance(exc, _GONE):
-                self.routes.mark_absent(outcome.reply_topic)
+        except (*_RECORD_ERRORS, *_MAYBE_GONE, AssertionError, ValueError) as exc:  # Assertion: a bad partition
+            if isinstance(exc, _MAYBE_GONE) and not await self._reply_topic_gone(outcome, producer):
+                raise
             self._no_reply(outcome, "bad_route", f"the result could not be sent to {outcome.reply_topic!r}: {exc!r}")
             return None
+
+    async def _reply_topic_gone(self, outcome: Outcome, producer: AIOKafkaProducer) -> bool:
+        """Ask the cluster whether the outcome's reply topic still exists (one metadata request)."""
+        topic = outcome.reply_topic
+        if topic is None:
+            return False
+        found = await kafka.topic_partitions(producer.client, [topic])
+        if found.get(topic) == 0:
+            self.routes.mark_absent(topic)
+            return True
+        return False
 
     def _no_reply(self, outcome: Outcome, code: str, why: str) -> None:
         """The result cannot be sent: the dead letter says why (once: an error result's stays as it is)."""
@@ -162,12 +174,13 @@ class Outbox:
         self.metrics.labels(self.metrics.dropped).inc()
         log.warning("%s: the dead letter could not be written (%r); the record is dropped", _who(outcome), exc)
 
-    def learn(self, delivery: Delivery, exc: BaseException) -> None:
+    async def learn(self, delivery: Delivery, exc: BaseException, producer: AIOKafkaProducer) -> None:
         """A record of a transaction was refused; the transaction is redone, and this decides how the
-        record ends the next time: a reply topic found gone is refused, a result too large is an error."""
+        record ends the next time: a reply topic the cluster says is gone is refused, a result too large
+        is an error. Anything else (a broker failover) changes nothing: the redo sends it again."""
         _fut, outcome, kind = delivery
-        if kind == "result" and isinstance(exc, _GONE) and outcome.reply_topic is not None:
-            self.routes.mark_absent(outcome.reply_topic)
+        if kind == "result" and isinstance(exc, _MAYBE_GONE):
+            await self._reply_topic_gone(outcome, producer)
         elif isinstance(exc, MessageSizeTooLargeError) and len(self._too_large) < 100_000:
             self._too_large.add((outcome.item.tp, outcome.item.offset))
 
@@ -180,10 +193,10 @@ class Outbox:
                 self.drop(outcome, exc)
                 return None
             raise exc
-        if kind == "forward" and not isinstance(exc, _RECORD_ERRORS):
-            raise exc  # our own stage topic is unreachable: stop, commit nothing past it
-        if kind == "result" and isinstance(exc, _GONE) and outcome.reply_topic is not None:
-            self.routes.mark_absent(outcome.reply_topic)
+        record_level = isinstance(exc, _RECORD_ERRORS) or (
+            kind == "result" and isinstance(exc, _MAYBE_GONE) and await self._reply_topic_gone(outcome, producer))
+        if not record_level:
+            raise exc  # the cluster's trouble (a failover longer than produce_timeout_ms): stop, commit nothing
         if outcome.dead_letter is not None:  # an error result: its dead letter, written already, is its outcome
             log.warning("%s: the error result could not be delivered (%r)", _who(outcome), exc)
             return None

@@ -391,5 +391,5 @@ class Worker:
         answers = await asyncio.gather(*(d[0] for d in sent), return_exceptions=True)
         for delivery, answer in zip(sent, answers, strict=True):
             if isinstance(answer, Exception):
-                self.outbox.learn(delivery, answer)
+                await self.outbox.learn(delivery, answer, producer)
                 raise answer

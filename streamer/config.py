@@ -93,9 +93,9 @@ class WorkerSettings(KafkaSettings):
         default=60.0, ge=0, description="a worker started before its cluster answers retries for this long"
     )
     produce_timeout_ms: int = Field(
-        default=10_000, ge=1000, le=300_000,
+        default=30_000, ge=1000, le=300_000,
         description="a produce request's timeout (retried after it), and how long a record waits for a partition "
-                    "that lost its leader, as a deleted reply topic's does, before it becomes a dead letter",
+                    "with no leader; then a result whose reply topic the cluster says is gone becomes a dead letter",
     )
     reply_topics: list[str] = Field(
         default_factory=list,

@@ -25,7 +25,7 @@ from producers import StreamerClient
 from schemas import Codec
 from streamer import ClientSettings, WorkerSettings, kafka
 
-from .faults.load import report
+from .faults.load import drain, report
 from .helpers import Processes, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -161,6 +161,9 @@ async def test_records_that_once_stopped_a_worker_each_get_one_outcome(
             await asyncio.sleep(0.5)
     assert ends[request_tp] == len(cases)
     assert w.proc.poll() is None, processes.logs()[-3000:]
+    # Each outcome once: no result, error result or dead letter written twice (a redone record's would be).
+    assert len(await drain(ws, ws.results_topic, isolation_level="read_committed")) == len(answered)
+    assert len(await drain(ws, ws.dead_letter_topic, isolation_level="read_committed")) == len(dead)
     async with kafka.admin(ws) as admin:
         assert gone not in await admin.list_topics()
     reply_ends, _ = await kafka.offset_bounds(ws, [TopicPartition(one_part, 0)])

@@ -1,0 +1,59 @@
+"""The floor: a minimal aiokafka batch loop with the worker's I/O, and nothing else.
+
+getmany, decode each request with plain msgpack (the codec's limits and zero-copy tensors, no
+validation models), the same model on the whole batch (one torch intra-op thread), one produce per
+result (a plain map in the wire format) with the worker's producer settings (idempotent, acks=all,
+256 KiB batches), wait for the acks, commit. What a framework for batched inference must not cost
+much more than.
+Run: python bench/floor_loop.py BOOTSTRAP REQUEST_TOPIC GROUP [MAX_BATCH]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas import Codec, now_ms
+from streamer.models import load_model
+
+
+async def main(bootstrap: str, topic: str, group: str, max_batch: int = 32) -> None:
+    torch.set_num_threads(1)
+    model = load_model("tiny-mlp", "cpu")
+    codec = Codec()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
+                                enable_auto_commit=False, max_poll_records=max_batch)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0,
+                                max_batch_size=256 * 1024)
+    await consumer.start()
+    await producer.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=max_batch)
+            records = [r for rs in batches.values() for r in rs]
+            if not records:
+                continue
+            requests = [codec.unpack(r.value) for r in records]
+            outputs = model.run([model.validate(q["inputs"]) for q in requests])
+            futures = []
+            for r, q, out in zip(records, requests, outputs, strict=True):
+                value = codec.pack({"id": q["id"], "model": model.name, "model_version": model.version,
+                                    "status": "ok", "outputs": out, "worker": "floor", "created_ms": now_ms()})
+                futures.append(await producer.send(q["reply_to"]["topic"], value, key=r.key))
+            await asyncio.gather(*futures)
+            await consumer.commit()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main(*sys.argv[1:4], *(int(a) for a in sys.argv[4:5])))
