@@ -43,6 +43,9 @@ from ._items import DeadLetter, Item, Outcome, Route
 __all__ = ["BatchRunner", "RunStats"]
 
 _SCHEMA = str(SCHEMA_VERSION).encode()
+INLINE_BELOW_MS = 1.0
+"""A batch the model should take less than this for (by its moving mean per item) runs on the event loop,
+not the model thread: handing a tiny batch to a thread costs more than running it."""
 
 
 @dataclass(slots=True)
@@ -72,13 +75,19 @@ class BatchRunner:
         self.on_batch: Callable[[int, float, list[float]], None] | None = None  # size, model s, queue waits s
         self.honor_deadlines = True  # replay of old traffic turns this off
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
+        # Moving means of the model's time per batch and of the batch size it was measured at.
+        self._batch_ms = math.inf
+        self._batch_n = 1.0
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
     def warm_up(self) -> None:
+        """Run the model twice on example inputs; the second run's time decides where batches run at first."""
         with contextlib.suppress(NotImplementedError):
-            self.model.run([self.model.validate(x) for x in self.model.example_inputs(2)])
+            inputs = [self.model.validate(x) for x in self.model.example_inputs(2)]
+            self.model.run(inputs)
+            self._measured(self._timed(inputs)[1] * 1000, len(inputs))
 
     def measure_capacity(self, batch_size: int, repeats: int = 3) -> float | None:
         """Items/s of the model at ``batch_size`` on its example inputs (best of ``repeats``); None if it has none."""
@@ -102,10 +111,15 @@ class BatchRunner:
         runnable = [o for o in outcomes if o.result is None and o.dead_letter is None]
         if not runnable:
             return outcomes
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        answers = await loop.run_in_executor(self._executor, self._run_bisect, [o.item.inputs for o in runnable])
-        inference_ms = (time.perf_counter() - t0) * 1000
+        inputs = [o.item.inputs for o in runnable]
+        if self._estimate_ms(len(inputs)) < INLINE_BELOW_MS:
+            # Cheaper than handing it to the model thread (a thread hop costs more than a tiny model):
+            # run it here; a model that turns out slower goes back to its thread from the next batch on.
+            answers, model_s = self._timed(inputs)
+        else:
+            answers, model_s = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, inputs)
+        inference_ms = model_s * 1000
+        self._measured(inference_ms, len(inputs))
         self.stats.inference_ms_total += inference_ms
         waits_s = [max(0.0, start - o.item.arrived) for o in runnable]
         if self.on_batch is not None:
@@ -240,7 +254,24 @@ class BatchRunner:
             **fields,
         )
 
-    # -- on the model thread -----------------------------------------------------------------------
+    def _estimate_ms(self, n: int) -> float:
+        """The model's time for a batch of ``n``: flat below the sizes measured (a small model's time is
+        mostly fixed overhead), linear above them."""
+        return self._batch_ms * max(1.0, n / self._batch_n)
+
+    def _measured(self, ms: float, n: int) -> None:
+        if self._batch_ms == math.inf:
+            self._batch_ms, self._batch_n = ms, float(n)
+        else:
+            self._batch_ms = 0.8 * self._batch_ms + 0.2 * ms
+            self._batch_n = 0.8 * self._batch_n + 0.2 * n
+
+    # -- on the model thread (or inline, for a cheap model) ------------------------------------------
+    def _timed(self, inputs: list[Any]) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        answers = self._run_bisect(inputs)
+        return answers, time.perf_counter() - t0
+
     def _run_bisect(self, inputs: list[Any]) -> list[Any]:
         """Outputs per item, or the exception for the items the model cannot run."""
         self.stats.forward_passes += 1

@@ -32,13 +32,18 @@ class ReplyRoutes:
         self._prefixes = tuple(a[:-1] for a in allowed if a.endswith("*"))
         self._forbidden = frozenset({settings.request_topic, settings.dead_letter_topic})
         self._ttl_s = ttl_s
+        self._allowed: dict[str, bool] = {}  # the policy's answer per topic, once worked out
         self._absent: dict[str, float] = {}  # topic -> monotonic time it was last found absent
         self._counts: dict[str, int] = {}  # partition counts found by resolve, until the producer knows them
 
     def allowed(self, topic: str) -> bool:
-        if topic in self._forbidden or topic.startswith("__") or not valid_topic_name(topic):
-            return False
-        return topic in self._names or topic.startswith(self._prefixes)
+        known = self._allowed.get(topic)
+        if known is None:
+            known = (topic not in self._forbidden and not topic.startswith("__") and valid_topic_name(topic)
+                     and (topic in self._names or topic.startswith(self._prefixes)))
+            if len(self._allowed) < 10_000:
+                self._allowed[topic] = known
+        return known
 
     def refuse(self, client: Any, topic: str, partition: int | None) -> str | None:
         """Why a result may not go to ``topic``/``partition`` (None: as far as is known, it may).

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -31,32 +33,51 @@ class Telemetry:
         self._next: dict[TopicPartition, int] = {}  # next offset to process, per partition
         self._last_end: tuple[float, int] | None = None
         self._arrival = 0.0
+        # Children bound once: a label lookup per record would cost more than the count.
+        m = metrics
+        self._requests = m.labels(m.requests)
+        self._statuses = {s: m.labels(m.results, s) for s in ("ok", "error", "expired", "forwarded")}
+        self._latency = m.labels(m.latency)
+        self._batch_size = m.labels(m.batch_size)
+        self._inference = m.labels(m.inference)
+        self._queue_wait = m.labels(m.queue_wait)
+        self._dead: dict[str, Any] = {}
 
     # -- as records go -------------------------------------------------------------------------------------
     def fetched(self, n: int) -> None:
-        self.metrics.labels(self.metrics.requests).inc(n)
+        self._requests.inc(n)
 
     def batch(self, size: int, inference_s: float, queue_waits_s: list[float]) -> None:
-        m = self.metrics
-        m.labels(m.batch_size).observe(size)
-        m.labels(m.inference).observe(inference_s)
-        wait = m.labels(m.queue_wait)
+        self._batch_size.observe(size)
+        self._inference.observe(inference_s)
+        wait = self._queue_wait
         for w in queue_waits_s:
             wait.observe(w)
 
     def published(self, batch: list[Item], outcomes: list[Outcome]) -> None:
-        m = self.metrics
+        """Counted once per batch: results by status, dead letters by code, latency of ok results."""
         now = now_ms()
+        statuses: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
+        latency = self._latency
         for o in outcomes:
             if o.forward is not None:
-                m.labels(m.results, "forwarded").inc()
+                statuses["forwarded"] += 1
             elif o.result is not None:
-                m.labels(m.results, o.result.status).inc()
+                status: str = o.result.status
+                statuses[status] += 1
                 msg = o.item.message
-                if msg is not None and msg.created_ms is not None and o.result.status == "ok":
-                    m.labels(m.latency).observe(max(0, now - msg.created_ms) / 1000)
+                if status == "ok" and msg is not None and msg.created_ms is not None:
+                    latency.observe(max(0, now - msg.created_ms) / 1000)
             if o.dead_letter is not None:
-                m.labels(m.dead_letters, o.dead_letter.code).inc()
+                codes[o.dead_letter.code] += 1
+        for status, n in statuses.items():
+            self._statuses[status].inc(n)
+        for code, n in codes.items():
+            child = self._dead.get(code)
+            if child is None:
+                child = self._dead[code] = self.metrics.labels(self.metrics.dead_letters, code)
+            child.inc(n)
         for item in batch:
             self._next[item.tp] = item.offset + 1
 

@@ -184,7 +184,21 @@ class Codec:
         return self.encode(request)
 
     def encode_result(self, result: InferenceResult) -> bytes:
-        return self.encode(result)
+        """The same bytes as :meth:`encode` (field order, nil optionals left out), built without a model dump:
+        this runs once per result on the hot path."""
+        data: dict[str, Any] = {"id": result.id, "model": result.model, "model_version": result.model_version,
+                                "status": result.status, "outputs": result.outputs}
+        if (e := result.error) is not None:
+            data["error"] = {"code": e.code, "message": e.message, "stage": e.stage}
+        if (t := result.timings) is not None:
+            data["timings"] = {"queue_ms": t.queue_ms, "batch_size": t.batch_size, "inference_ms": t.inference_ms}
+        if result.stages is not None:
+            data["stages"] = [{"stage": st.stage, "worker": st.worker, "queue_ms": st.queue_ms,
+                               "batch_size": st.batch_size, "inference_ms": st.inference_ms, "done_ms": st.done_ms}
+                              for st in result.stages]
+        data["worker"] = result.worker
+        data["created_ms"] = result.created_ms
+        return self.pack(data)
 
     def decode_request(self, data: bytes) -> InferenceRequest:
         return self._decode(data, InferenceRequest)

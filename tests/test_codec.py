@@ -16,6 +16,7 @@ from schemas import (
     DTYPES,
     Codec,
     DecodeError,
+    ErrorInfo,
     InferenceRequest,
     InferenceResult,
     LimitExceeded,
@@ -23,6 +24,8 @@ from schemas import (
     ReplyTo,
     RoutingHeaders,
     SchemaError,
+    StageTiming,
+    Timings,
 )
 
 codec = Codec()
@@ -234,3 +237,25 @@ def test_unusable_routing_headers_read_as_absent(
     assert parsed.request_id == rid
     assert (parsed.reply_to.topic if parsed.reply_to else None) == topic
     assert (parsed.reply_to.partition if parsed.reply_to else None) == partition
+
+
+results = st.builds(
+    InferenceResult,
+    id=st.text(min_size=1, max_size=20), model=st.text(min_size=1, max_size=10), model_version=st.text(max_size=5),
+    status=st.sampled_from(["ok", "error", "expired"]), outputs=st.one_of(json_like, arrays),
+    error=st.one_of(st.none(), st.builds(ErrorInfo, code=st.sampled_from(["bad_input", "model_error"]),
+                                         message=st.text(max_size=20),
+                                         stage=st.one_of(st.none(), st.text(max_size=5)))),
+    timings=st.one_of(st.none(), st.builds(Timings, queue_ms=st.floats(0, 1e6), batch_size=st.integers(0, 4096),
+                                           inference_ms=st.floats(0, 1e6))),
+    stages=st.one_of(st.none(), st.lists(st.builds(
+        StageTiming, stage=st.text(max_size=5), worker=st.text(max_size=5), queue_ms=st.floats(0, 1e3),
+        batch_size=st.integers(0, 64), inference_ms=st.floats(0, 1e3), done_ms=st.integers(0, 2**40)), max_size=3)),
+    worker=st.text(max_size=8), created_ms=st.integers(0, 2**42),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(results)
+def test_the_fast_result_encoder_writes_the_bytes_of_the_model_dump(result: InferenceResult) -> None:
+    assert codec.encode_result(result) == codec.encode(result)

@@ -1,0 +1,66 @@
+"""BatchRunner without a broker: where the model runs, and one outcome per item."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch
+from aiokafka import TopicPartition
+
+from consumers._inference import BatchRunner
+from consumers._items import Item, Route
+from schemas import Codec, InferenceRequest, ReplyTo
+from streamer.models import TinyMLP
+
+
+class Recording(TinyMLP):
+    """tiny-mlp that notes which thread ran each batch, optionally sleeping first."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(torch.device("cpu"))
+        self.delay_s = delay_s
+        self.threads: list[str] = []
+
+    def forward(self, batch: torch.Tensor) -> Any:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        return super().forward(batch)
+
+
+def _batch(n: int, start: int = 0) -> list[Item]:
+    codec = Codec()
+    reply = ReplyTo(topic="results")
+    return [Item(TopicPartition("requests", 0), start + i, None,
+                 codec.encode_request(InferenceRequest(id=f"r{start + i}", model="tiny-mlp", inputs=[0.5] * 16,
+                                                       reply_to=reply)), [], time.monotonic(), 0)
+            for i in range(n)]
+
+
+async def test_a_model_cheaper_than_a_thread_hop_runs_on_the_event_loop() -> None:
+    model = Recording()
+    runner = BatchRunner(model, Codec(), "w", "results", Route("tiny-mlp"))
+    runner.warm_up()  # as a worker does at start: measures the model (on this thread, before serving)
+    model.threads.clear()
+    try:
+        for k in range(8):
+            outcomes = await runner.run(_batch(8, 8 * k))
+            assert [o.result.status for o in outcomes if o.result] == ["ok"] * 8
+    finally:
+        runner.close()
+    # Measured on 2 items, a batch of 8 may first be thought too long; once measured, it runs here.
+    assert model.threads[-4:] == [threading.current_thread().name] * 4
+
+
+async def test_a_slower_model_keeps_its_own_thread() -> None:
+    model = Recording(delay_s=0.005)
+    runner = BatchRunner(model, Codec(), "w", "results", Route("tiny-mlp"))
+    runner.warm_up()
+    model.threads.clear()
+    try:
+        for k in range(3):
+            await runner.run(_batch(4, 4 * k))
+    finally:
+        runner.close()
+    assert all(t.startswith("streamer-model") for t in model.threads)
