@@ -62,7 +62,6 @@ class Outbox:
         self.worker = worker
         self.routes = ReplyRoutes(settings)
         self.max_bytes = settings.max_record_bytes
-        self.dropped = 0
         # Records the cluster refused as too large inside a transaction: redone, they are answered as such.
         self._too_large: set[tuple[Any, int]] = set()
 
@@ -169,8 +168,7 @@ class Outbox:
             return None
 
     def drop(self, outcome: Outcome, exc: BaseException) -> None:
-        """Even the dead letter could not be written: log it (rate-limited) and count it."""
-        self.dropped += 1
+        """Even the dead letter could not be written: log it and count it."""
         self.metrics.labels(self.metrics.dropped).inc()
         log.warning("%s: the dead letter could not be written (%r); the record is dropped", _who(outcome), exc)
 

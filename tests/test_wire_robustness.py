@@ -9,17 +9,12 @@ log's end. Both delivery modes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.producer import message_accumulator
-from aiokafka.producer import producer as aiokafka_producer
-from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from producers import StreamerClient
 from schemas import Codec
@@ -27,37 +22,11 @@ from streamer import ClientSettings, WorkerSettings, kafka
 
 from .faults.load import drain, report
 from .helpers import Processes, read_topic
+from .hostile import RawKey, pure_python_batches
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 KEY = b"same-partition"  # every record on one partition, so bad and good records share batches
-
-
-class RawKey(str):
-    """A header key that goes on the wire as the given bytes (not UTF-8), as another client may write it."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawKey:
-        key = super().__new__(cls, raw.decode("latin-1"))
-        key.raw = raw
-        return key
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
-
-
-@contextlib.contextmanager
-def pure_python_batches() -> Iterator[None]:
-    """aiokafka's pure-Python record builder, which writes RawKey's bytes as they are."""
-    fast = message_accumulator.DefaultRecordBatchBuilder
-    for module in (message_accumulator, aiokafka_producer):
-        module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for module in (message_accumulator, aiokafka_producer):
-            module.DefaultRecordBatchBuilder = fast  # type: ignore[attr-defined]
 
 
 def body(rid: str, **fields: Any) -> bytes:
