@@ -81,6 +81,11 @@ async def test_records_that_once_stopped_a_worker_each_get_one_outcome(
         ("string-partition", body("string-partition", reply_to={"topic": ws.results_topic, "partition": "0"}),
          hdr("string-partition"), None, "schema_error", "schema_error"),
         ("huge", huge, hdr("huge"), "gzip", "decode_error", "decode_error"),  # over max_str_bytes
+        ("nine-mib", body("nine-mib", pad=b"\0" * (9 * 1024 * 1024)), hdr("nine-mib"), "gzip", "decode_error",
+         "decode_error"),  # over max_message_bytes (8 MiB)
+        # 1,000,000 entries, within max_container_len, refused by the model (zstd: gzip leaves it over 1 MiB)
+        ("million-map", body("million-map", inputs={str(i): 0 for i in range(1_000_000)}), hdr("million-map"),
+         "zstd", "bad_input", "bad_input"),
         ("good-last", body("good-last"), hdr("good-last"), None, "ok", None),
     ]
     producers: dict[str | None, Any] = {}
@@ -113,7 +118,7 @@ async def test_records_that_once_stopped_a_worker_each_get_one_outcome(
             continue
         d = dict(by_offset[offset].headers)
         assert d["streamer-error-code"].decode() == dl_code, (name, d["streamer-error-message"])
-        if name == "huge":  # over the broker's limit: cut, and said so
+        if name in ("huge", "nine-mib", "million-map"):  # over the broker's limit: cut, and said so
             assert int(d["streamer-truncated-from"]) == len(value)
             assert 0 < len(by_offset[offset].value) <= ws.max_record_bytes
         else:
