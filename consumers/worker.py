@@ -289,7 +289,10 @@ class Worker:
                 batches = await consumer.getmany(timeout_ms=100, max_records=room)
             except (KafkaError, UnicodeDecodeError, ValueError, AssertionError) as exc:
                 # What a record holds never gets here (see streamer._records); a poll that fails is
-                # the cluster's trouble (or aiokafka's): say so once per interval and poll again.
+                # the cluster's trouble (or aiokafka's). Retriable: say so (once per interval) and poll
+                # again. Not retriable (authorisation, fencing): this member cannot go on.
+                if isinstance(exc, KafkaError) and not exc.retriable:
+                    raise
                 log.warning("polling for records failed: %r; retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
