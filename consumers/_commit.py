@@ -130,4 +130,4 @@ class OrderedCommits:
                 raise answer
             instead = await self._settle(delivery, answer)
             if instead is not None:
-                await self._delivered([(instead, *delivery[1:-1], "dead_letter")])
+                await self._delivered([(instead, delivery[1], "dead_letter")])

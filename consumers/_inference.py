@@ -44,8 +44,8 @@ __all__ = ["BatchRunner", "RunStats"]
 
 _SCHEMA = str(SCHEMA_VERSION).encode()
 INLINE_BELOW_MS = 1.0
-"""A batch the model should take less than this for (by its moving mean per item) runs on the event loop,
-not the model thread: handing a tiny batch to a thread costs more than running it."""
+"""A batch the model should take less than this for (estimated from its measured times) runs on the event
+loop, not the model thread: handing a tiny batch to a thread costs more than running it."""
 
 
 @dataclass(slots=True)

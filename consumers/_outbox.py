@@ -27,8 +27,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from schemas import REQUEST_ID_HEADER, Codec, RoutingHeaders, WireError
-from streamer import kafka
+from schemas import REQUEST_ID_HEADER, Codec, RoutingHeaders, WireError, header_text
 from streamer.config import WorkerSettings
 from streamer.metrics import WorkerMetrics
 
@@ -134,21 +133,11 @@ class Outbox:
             return await producer.send(outcome.reply_topic, value, key=key, partition=outcome.reply_partition,
                                        headers=RoutingHeaders(result.id, None).build())
         except (*_RECORD_ERRORS, *_MAYBE_GONE, AssertionError, ValueError) as exc:  # Assertion: a bad partition
-            if isinstance(exc, _MAYBE_GONE) and not await self._reply_topic_gone(outcome, producer):
+            if isinstance(exc, _MAYBE_GONE) and not await self.routes.confirm_absent(producer.client,
+                                                                                     outcome.reply_topic):
                 raise
             self._no_reply(outcome, "bad_route", f"the result could not be sent to {outcome.reply_topic!r}: {exc!r}")
             return None
-
-    async def _reply_topic_gone(self, outcome: Outcome, producer: AIOKafkaProducer) -> bool:
-        """Ask the cluster whether the outcome's reply topic still exists (one metadata request)."""
-        topic = outcome.reply_topic
-        if topic is None:
-            return False
-        found = await kafka.topic_partitions(producer.client, [topic])
-        if found.get(topic) == 0:
-            self.routes.mark_absent(topic)
-            return True
-        return False
 
     def _no_reply(self, outcome: Outcome, code: str, why: str) -> None:
         """The result cannot be sent: the dead letter says why (once: an error result's stays as it is)."""
@@ -177,8 +166,8 @@ class Outbox:
         record ends the next time: a reply topic the cluster says is gone is refused, a result too large
         is an error. Anything else (a broker failover) changes nothing: the redo sends it again."""
         _fut, outcome, kind = delivery
-        if kind == "result" and isinstance(exc, _MAYBE_GONE):
-            await self._reply_topic_gone(outcome, producer)
+        if kind == "result" and isinstance(exc, _MAYBE_GONE) and outcome.reply_topic is not None:
+            await self.routes.confirm_absent(producer.client, outcome.reply_topic)
         elif isinstance(exc, MessageSizeTooLargeError) and len(self._too_large) < 100_000:
             self._too_large.add((outcome.item.tp, outcome.item.offset))
 
@@ -192,7 +181,8 @@ class Outbox:
                 return None
             raise exc
         record_level = isinstance(exc, _RECORD_ERRORS) or (
-            kind == "result" and isinstance(exc, _MAYBE_GONE) and await self._reply_topic_gone(outcome, producer))
+            kind == "result" and isinstance(exc, _MAYBE_GONE) and outcome.reply_topic is not None
+            and await self.routes.confirm_absent(producer.client, outcome.reply_topic))
         if not record_level:
             raise exc  # the cluster's trouble (a failover longer than produce_timeout_ms): stop, commit nothing
         if outcome.dead_letter is not None:  # an error result: its dead letter, written already, is its outcome
@@ -207,9 +197,5 @@ class Outbox:
 
 def _who(outcome: Outcome) -> str:
     item = outcome.item
-    rid = item.message.id if item.message is not None else None
-    if rid is None:
-        for k, v in item.headers:
-            if k == REQUEST_ID_HEADER and v is not None:
-                rid = v[:128].decode(errors="replace")
-    return f"{item.tp.topic}-{item.tp.partition}@{item.offset} (request {rid or '?'})"
+    rid = item.message.id if item.message is not None else header_text(item.headers, REQUEST_ID_HEADER)
+    return f"{item.tp.topic}-{item.tp.partition}@{item.offset} (request {(rid or '?')[:128]})"

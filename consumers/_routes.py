@@ -26,7 +26,6 @@ __all__ = ["ReplyRoutes"]
 class ReplyRoutes:
     def __init__(self, settings: WorkerSettings, ttl_s: float = 5.0) -> None:
         results = settings.results_topic
-        self.default_topic = results
         allowed = [results, f"{results}.*", *settings.reply_topics]
         self._names = frozenset(a for a in allowed if not a.endswith("*"))
         self._prefixes = tuple(a[:-1] for a in allowed if a.endswith("*"))
@@ -71,6 +70,15 @@ class ReplyRoutes:
 
     def mark_absent(self, topic: str) -> None:
         self._absent[topic] = time.monotonic()
+
+    async def confirm_absent(self, client: Any, topic: str) -> bool:
+        """Whether the cluster says ``topic`` does not exist (one metadata request); remembered if so.
+
+        For an error that a deleted topic gives and a broker failover gives too."""
+        if (await kafka.topic_partitions(client, [topic])).get(topic) == 0:
+            self.mark_absent(topic)
+            return True
+        return False
 
     async def resolve(self, client: Any, topics: Iterable[str]) -> None:
         """Ask the cluster about allowed topics the producer does not know yet (one request)."""

@@ -66,12 +66,18 @@ async def translated_errors(settings: KafkaSettings) -> AsyncIterator[None]:
         raise BrokerError(f"cannot reach the cluster at {settings.bootstrap_servers}: {exc}") from exc
 
 
+def _first_bootstrap(settings: KafkaSettings) -> tuple[str, str]:
+    """Host and port of the first bootstrap server, which the probes below connect to directly."""
+    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    return host, port
+
+
 async def _tls_refused(settings: KafkaSettings) -> str | None:
     """Why a TLS handshake with the first bootstrap server fails (an untrusted certificate, say); None if it
     does not, or the server cannot be reached at all."""
     import ssl
 
-    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    host, port = _first_bootstrap(settings)
     try:
         _reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, int(port), ssl=client_kwargs(settings)["ssl_context"],
@@ -90,7 +96,7 @@ async def _credentials_refused(settings: KafkaSettings) -> bool:
     from aiokafka.conn import create_conn
     from aiokafka.errors import SaslAuthenticationFailed
 
-    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    host, port = _first_bootstrap(settings)
     kw = client_kwargs(settings)
     kw.pop("bootstrap_servers")
     try:
