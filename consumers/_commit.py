@@ -63,14 +63,14 @@ class OrderedCommits:
         self,
         committer: Committer,
         current_epoch: Callable[[TopicPartition], int],
-        settle: Callable[[Any, BaseException], Awaitable[Any]] | None = None,
+        settle: Callable[[Any, BaseException], Awaitable[list[Any]]] | None = None,
     ) -> None:
         self._committer = committer
         self._epoch = current_epoch
-        # A delivery that failed is handed to ``settle`` (the outbox), which returns the future of the
-        # record written instead (a dead letter), or None, or raises when the failure is fatal.
+        # A delivery that failed is handed to ``settle`` (the outbox), which returns the deliveries sent
+        # instead (dead letters, or each record alone), or raises when the failure is fatal.
         self._settle = settle
-        # (deliveries: (future, ...) tuples, {partition: (next offset, epoch when fetched)})
+        # (deliveries: objects with a ``future``, {partition: (next offset, epoch when fetched)})
         self._queue: asyncio.Queue[tuple[list[Any], dict[TopicPartition, tuple[int, int]]] | None] = (
             asyncio.Queue()
         )
@@ -86,7 +86,7 @@ class OrderedCommits:
         self._task = asyncio.create_task(self._run(), name="streamer-commits")
 
     def add(self, deliveries: Iterable[Any], offsets: dict[TopicPartition, tuple[int, int]]) -> None:
-        """``deliveries``: tuples whose first element is a delivery future (see ``Outbox.send``)."""
+        """``deliveries``: objects whose ``future`` the producer resolves (see ``Outbox.publish``)."""
         if self._task is not None and self._task.done():
             self._task.result()  # re-raise a fatal error from the commit task
         self._queue.put_nowait((list(deliveries), offsets))
@@ -101,33 +101,41 @@ class OrderedCommits:
         await self._task
 
     async def _run(self) -> None:
+        """Batches that queued up while the last commit was in flight are committed together: one commit
+        for all of them, once every one of their deliveries is acknowledged (in order)."""
         while True:
-            entry = await self._queue.get()
+            entries = [await self._queue.get()]
+            while not self._queue.empty() and entries[-1] is not None:
+                entries.append(self._queue.get_nowait())
             try:
-                if entry is None:
+                mine: dict[TopicPartition, int] = {}
+                for entry in entries:
+                    if entry is None:
+                        break
+                    deliveries, offsets = entry
+                    await self._delivered(deliveries)
+                    # Partitions revoked since these records were fetched are not ours to commit.
+                    mine.update((tp, off) for tp, (off, epoch) in offsets.items() if epoch == self._epoch(tp))
+                if mine:
+                    if await self._committer.commit(mine):
+                        self.committed_batches += sum(e is not None for e in entries)
+                    else:
+                        self.refused += 1
+                if entries[-1] is None:
                     return
-                deliveries, offsets = entry
-                await self._delivered(deliveries)
-                # Partitions revoked since these records were fetched are not ours to commit.
-                mine = {tp: off for tp, (off, epoch) in offsets.items() if epoch == self._epoch(tp)}
-                if not mine:
-                    continue
-                if await self._committer.commit(mine):
-                    self.committed_batches += 1
-                else:
-                    self.refused += 1
             finally:
-                self._queue.task_done()
+                for _ in entries:
+                    self._queue.task_done()
 
     async def _delivered(self, deliveries: list[Any]) -> None:
         """Wait for every delivery; a failed one is settled, or raises and stops the worker with
         nothing committed past it."""
-        answers = await asyncio.gather(*(d[0] for d in deliveries), return_exceptions=True)
+        answers = await asyncio.gather(*(d.future for d in deliveries), return_exceptions=True)
         for delivery, answer in zip(deliveries, answers, strict=True):
             if not isinstance(answer, BaseException):
                 continue
             if self._settle is None or not isinstance(answer, Exception):
                 raise answer
             instead = await self._settle(delivery, answer)
-            if instead is not None:
-                await self._delivered([(instead, delivery[1], "dead_letter")])
+            if instead:
+                await self._delivered(instead)

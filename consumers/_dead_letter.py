@@ -7,11 +7,11 @@ say so, with the original sizes. Such a record is still written, never refused.
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaProducer
+from typing import Any
 
-from ._items import DeadLetter, Item
+from ._batch import DeadLetter
 
-__all__ = ["dead_letter_record", "send_dead_letter"]
+__all__ = ["dead_letter_record"]
 
 _OVERHEAD = 512  # the record's own framing and the headers added below, generously
 
@@ -21,19 +21,19 @@ def _size(headers: list[tuple[str, bytes | None]]) -> int:
 
 
 def dead_letter_record(
-    item: Item, dl: DeadLetter, worker: str, max_bytes: int
+    record: Any, dl: DeadLetter, worker: str, max_bytes: int
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]:
-    """Key, value and headers of the dead letter for ``item``, at most ``max_bytes`` in all."""
+    """Key, value and headers of the dead letter for ``record`` (as consumed), at most ``max_bytes`` in all."""
     own: dict[str, bytes] = {
         "streamer-error-code": dl.code.encode(),
         "streamer-error-message": dl.message.encode("utf-8", "replace")[:4096],
-        "streamer-source-topic": item.tp.topic.encode(),
-        "streamer-source-partition": str(item.tp.partition).encode(),
-        "streamer-source-offset": str(item.offset).encode(),
+        "streamer-source-topic": record.topic.encode(),
+        "streamer-source-partition": str(record.partition).encode(),
+        "streamer-source-offset": str(record.offset).encode(),
         "streamer-worker": worker.encode(),
     }
-    kept: list[tuple[str, bytes | None]] = [(k, v) for k, v in item.headers if k not in own]
-    key, value = item.key, item.value
+    kept: list[tuple[str, bytes | None]] = [(k, v) for k, v in record.headers or () if k not in own]
+    key, value = record.key, record.value or b""
     quarter = max_bytes // 4
     if _size(kept) > quarter:
         own["streamer-headers-dropped"] = str(len(kept)).encode()
@@ -46,11 +46,3 @@ def dead_letter_record(
         own["streamer-truncated-from"] = str(len(value)).encode()
         value = value[:max(0, room)]
     return key, value, kept + list(own.items())
-
-
-async def send_dead_letter(
-    producer: AIOKafkaProducer, topic: str, item: Item, dl: DeadLetter, worker: str, max_bytes: int
-) -> object:
-    """Enqueue the dead letter; returns the delivery future."""
-    key, value, headers = dead_letter_record(item, dl, worker, max_bytes)
-    return await producer.send(topic, value, key=key, headers=headers)

@@ -1,8 +1,11 @@
-"""From a batch of consumed records to one outcome each: decode, check, run the model, split.
+"""From a batch of consumed records to the records to send for it: decode, check, run the model, encode.
 
-Decoding and checks run on the event loop (they are cheap); the model runs on its own
-thread so heartbeats and fetching go on during long batches. A batch the model fails on
-is bisected, so one poison item fails alone and every other item still gets its output.
+One pass over the batch decodes each record (``schemas.FastReader``: msgspec, no pydantic model on
+the way) and checks it; the model runs once on the items that passed; the writer encodes every
+output from the parts the batch shares (``schemas.ResultWriter``). What each record ends in is
+written into the batch's columns (see ``_batch.Batch``). A cheap model runs on the event loop, a
+slower one on its own thread so heartbeats and fetching go on during long batches. A batch the
+model fails on is bisected, so one poison item fails alone and every other item still gets its output.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,21 +26,25 @@ from schemas import (
     Codec,
     DecodeError,
     ErrorInfo,
+    FastReader,
     InferenceResult,
     ReplyTo,
+    ResultWriter,
     RoutingHeaders,
-    SchemaError,
-    StageMessage,
     StageTiming,
     Timings,
     WireError,
+    WireReply,
+    WireRequest,
+    WireStage,
+    WireTiming,
     now_ms,
     valid_request_id,
 )
 from streamer.errors import BadInput
 from streamer.models import Model
 
-from ._items import DeadLetter, Item, Outcome, Route
+from ._batch import FORWARDED, Batch, BatchStats, DeadLetter, Route
 
 __all__ = ["BatchRunner", "RunStats"]
 
@@ -50,6 +56,8 @@ loop, not the model thread: handing a tiny batch to a thread costs more than run
 
 @dataclass(slots=True)
 class RunStats:
+    """Totals since start, for the worker's logs; added to once per batch from its :class:`BatchStats`."""
+
     batches: int = 0
     items: int = 0
     ok: int = 0
@@ -62,6 +70,18 @@ class RunStats:
     inference_ms_total: float = 0.0
     busy_ms_total: float = 0.0  # from taking a batch to publishing its outputs
 
+    def add(self, st: BatchStats) -> None:
+        self.batches += 1
+        self.items += st.size
+        self.ok += st.statuses["ok"] + st.statuses[FORWARDED]
+        self.errors += st.statuses["error"]
+        self.expired += st.statuses["expired"]
+        self.dead_letters += sum(st.dead_letters.values())
+        self.forward_passes += st.forward_passes
+        self.extra_forward_passes += st.extra_forward_passes
+        self.queue_ms_total += sum(w * n for w, n in st.queue_waits) * 1000
+        self.inference_ms_total += st.inference_s * 1000
+
 
 class BatchRunner:
     def __init__(self, model: Model, codec: Codec, worker: str, default_reply_topic: str,
@@ -71,13 +91,14 @@ class BatchRunner:
         self.worker = worker
         self.default_reply_topic = default_reply_topic
         self.route = route or Route(model.name)
-        self.stats = RunStats()
-        self.on_batch: Callable[[int, float, list[float]], None] | None = None  # size, model s, queue waits s
+        self.reader = FastReader(codec)
+        self.writer = ResultWriter(codec, self.route.model, model.version, worker)
         self.honor_deadlines = True  # replay of old traffic turns this off
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
         # Moving means of the model's time per batch and of the batch size it was measured at.
         self._batch_ms = math.inf
         self._batch_n = 1.0
+        self._passes = [0, 0]  # forward passes, extra ones from bisection: counted on the model's thread
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -88,6 +109,7 @@ class BatchRunner:
             inputs = [self.model.validate(x) for x in self.model.example_inputs(2)]
             self.model.run(inputs)
             self._measured(self._timed(inputs)[1] * 1000, len(inputs))
+        self._passes = [0, 0]
 
     def measure_capacity(self, batch_size: int, repeats: int = 3) -> float | None:
         """Items/s of the model at ``batch_size`` on its example inputs (best of ``repeats``); None if it has none."""
@@ -102,158 +124,169 @@ class BatchRunner:
             best = min(best, time.perf_counter() - t)
         return batch_size / max(best, 1e-9)
 
-    async def run(self, batch: list[Item]) -> list[Outcome]:
-        """One outcome per item, in the batch's order."""
-        self.stats.batches += 1
-        self.stats.items += len(batch)
+    async def run(self, batch: Batch) -> None:
+        """Decide every record of ``batch``: its encoded result or stage message, or its dead letter."""
         start = time.monotonic()
-        outcomes = [self._check(item) for item in batch]
-        runnable = [o for o in outcomes if o.result is None and o.dead_letter is None]
+        runnable, inputs = self._check(batch)
         if not runnable:
-            return outcomes
-        inputs = [o.item.inputs for o in runnable]
+            return
         if self._estimate_ms(len(inputs)) < INLINE_BELOW_MS:
             # Cheaper than handing it to the model thread (a thread hop costs more than a tiny model):
             # run it here; a model that turns out slower goes back to its thread from the next batch on.
             answers, model_s = self._timed(inputs)
         else:
             answers, model_s = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, inputs)
+        self._measured(model_s * 1000, len(inputs))
+        st = batch.stats
+        st.runnable, st.inference_s = len(runnable), model_s
+        st.forward_passes, st.extra_forward_passes = self._passes
+        self._passes = [0, 0]
+        self._finish(batch, runnable, answers, start, model_s)
+
+    # -- decode and check, on the loop ------------------------------------------------------------------
+    def _check(self, batch: Batch) -> tuple[list[int], list[Any]]:
+        """Decode and check each record; returns the indices that go to the model, and their inputs."""
+        route, model = self.route, self.model
+        read = self.reader.request if route.first else self.reader.stage
+        deadlines = self.honor_deadlines
+        now = now_ms()
+        runnable: list[int] = []
+        inputs: list[Any] = []
+        messages, ids, created = batch.messages, batch.ids, batch.created
+        for i, rec in enumerate(batch.records):
+            try:
+                for key, version in rec.headers or ():
+                    # Absent or null: version 1. Anything else but "1" is a version this worker cannot read.
+                    if key == SCHEMA_HEADER and version is not None and version != _SCHEMA:
+                        shown = bytes(version[:64]).decode(errors="replace")
+                        raise DecodeError(f"unsupported schema version {shown!r}; this worker reads {SCHEMA_VERSION}")
+                msg, payload = read(rec.value or b"")
+            except WireError as exc:
+                routing = RoutingHeaders.parse(rec.headers)
+                reply = exc.reply_to if isinstance(exc.reply_to, ReplyTo) else routing.reply_to
+                assert reply is None or isinstance(reply, ReplyTo)
+                self.fail(batch, i, exc.code, str(exc), request_id=exc.request_id or routing.request_id,
+                          reply_to=reply)
+                continue
+            messages[i], ids[i], created[i] = msg, msg.id, msg.created_ms
+            self._route(batch, i, msg.reply_to)
+            if msg.model != route.model:
+                what = f"stage {route.stage!r} of {route.model!r}" if route.stage else repr(route.model)
+                self.fail(batch, i, "unknown_model", f"this worker group serves {what}, not {msg.model!r}")
+            elif isinstance(msg, WireStage) and msg.stage != route.stage:
+                self.fail(batch, i, "schema_error", f"a message for stage {msg.stage!r} reached stage {route.stage!r}")
+            elif deadlines and msg.deadline_ms is not None and now > msg.deadline_ms:
+                self._expired(batch, i, msg)
+            else:
+                try:
+                    inputs.append(model.validate(payload))
+                    runnable.append(i)
+                except BadInput as exc:
+                    self.fail(batch, i, "bad_input", str(exc))
+                except Exception as exc:  # noqa: BLE001 - a model's own validate may raise anything on odd input
+                    self.fail(batch, i, "bad_input", f"{type(exc).__name__}: {exc}")
+        return runnable, inputs
+
+    def _route(self, batch: Batch, i: int, reply: WireReply | ReplyTo | None) -> None:
+        batch.dest_topic[i] = reply.topic if reply else self.default_reply_topic
+        batch.dest_partition[i] = reply.partition if reply else None
+
+    def _expired(self, batch: Batch, i: int, msg: WireRequest | WireStage) -> None:
+        batch.status[i] = "expired"
+        batch.values[i] = self.codec.encode_result(InferenceResult(
+            id=msg.id, model=msg.model, model_version=self.model.version, status="expired", worker=self.worker,
+            error=ErrorInfo(code="deadline_exceeded", message=f"deadline {msg.deadline_ms} passed before inference",
+                            stage=self.route.stage)))
+
+    # -- outputs to records ---------------------------------------------------------------------------
+    def _finish(self, batch: Batch, runnable: list[int], answers: list[Any], start: float, model_s: float) -> None:
+        route, n = self.route, len(runnable)
         inference_ms = model_s * 1000
-        self._measured(inference_ms, len(inputs))
-        self.stats.inference_ms_total += inference_ms
-        waits_s = [max(0.0, start - o.item.arrived) for o in runnable]
-        if self.on_batch is not None:
-            self.on_batch(len(runnable), inference_ms / 1000, waits_s)
-        for outcome, answer, wait_s in zip(runnable, answers, waits_s, strict=True):
-            queue_ms = wait_s * 1000
-            self.stats.queue_ms_total += queue_ms
-            timings = Timings(queue_ms=queue_ms, batch_size=len(runnable), inference_ms=inference_ms)
+        # Per run of records (one partition's, fetched together): the queue wait, and the stage's trail entry.
+        per_run: dict[int, tuple[float, int, float]] = {}
+        counts: dict[int, int] = {}
+        for i in runnable:
+            k = batch.run_of[i]
+            counts[k] = counts.get(k, 0) + 1
+            if k not in per_run:
+                per_run[k] = (max(0.0, start - batch.runs[k].arrived) * 1000, n, inference_ms)
+        batch.stats.queue_waits = [(per_run[k][0] / 1000, c) for k, c in counts.items()]
+        timings = [per_run[batch.run_of[i]] for i in runnable]
+        trails: list[list[WireTiming]] | None = None
+        if route.stage is not None:
+            done = now_ms()
+            entries = {k: WireTiming(stage=route.stage, worker=self.worker, queue_ms=t[0], batch_size=n,
+                                     inference_ms=inference_ms, done_ms=done) for k, t in per_run.items()}
+            trails = [[*_trail(batch.messages[i]), entries[batch.run_of[i]]] for i in runnable]
+        ok_idx, ok_out, ok_t, ok_trails = [], [], [], []
+        for j, (i, answer) in enumerate(zip(runnable, answers, strict=True)):
             if isinstance(answer, BaseException):
                 code = answer.code if isinstance(answer, BadInput) else "model_error"
-                self.fail(outcome, code, f"{type(answer).__name__}: {answer}", timings)
+                self.fail(batch, i, code, f"{type(answer).__name__}: {answer}", timings[j])
+            elif route.next_stage is not None:
+                self._forward(batch, i, answer, trails[j] if trails is not None else [])
             else:
-                self._succeed(outcome, answer, timings)
-        return outcomes
+                ok_idx.append(i)
+                ok_out.append(answer)
+                ok_t.append(timings[j])
+                if trails is not None:
+                    ok_trails.append(trails[j])
+        if not ok_idx:
+            return
+        values = self.writer.results([batch.ids[i] for i in ok_idx], ok_out, ok_t,  # type: ignore[misc]
+                                     ok_trails if trails is not None else None)
+        status, out = batch.status, batch.values
+        for j, (i, value) in enumerate(zip(ok_idx, values, strict=True)):
+            if isinstance(value, bytes):
+                status[i], out[i] = "ok", value
+            else:
+                self.fail(batch, i, "model_error", f"output cannot be encoded: {value}", ok_t[j])
 
-    # -- per item, on the loop -------------------------------------------------------------------------
-    def _decode(self, item: Item) -> StageMessage:
-        for key, version in item.headers:
-            # Absent or null: version 1. Anything else but "1" is a version this worker cannot read.
-            if key == SCHEMA_HEADER and version is not None and version != _SCHEMA:
-                raise DecodeError(f"unsupported schema version {bytes(version[:64]).decode(errors='replace')!r}; "
-                                  f"this worker reads {SCHEMA_VERSION}")
-        route = self.route
-        if not route.first:
-            msg = self.codec.decode_stage(item.value)
-            if msg.model == route.model and msg.stage != route.stage:
-                raise SchemaError(f"a message for stage {msg.stage!r} reached stage {route.stage!r}",
-                                  request_id=msg.id, reply_to=msg.reply_to)
-            return msg
-        req = self.codec.decode_request(item.value)
-        return StageMessage(
-            id=req.id, model=req.model, stage=route.stage or route.model, payload=req.inputs, key=req.key,
-            reply_to=req.reply_to, deadline_ms=req.deadline_ms, created_ms=req.created_ms, metadata=req.metadata,
-        )
-
-    def _check(self, item: Item) -> Outcome:
-        outcome = Outcome(item)
+    def _forward(self, batch: Batch, i: int, answer: Any, trail: list[WireTiming]) -> None:
+        msg = batch.messages[i]
+        assert msg is not None and self.route.next_stage is not None
         try:
-            msg = self._decode(item)
-        except WireError as exc:
-            routing = RoutingHeaders.parse(item.headers)
-            rid = exc.request_id or routing.request_id
-            reply = exc.reply_to if isinstance(exc.reply_to, ReplyTo) else routing.reply_to
-            self.fail(outcome, exc.code, str(exc), None, request_id=rid, reply_to=reply)
-            return outcome
-        item.message = msg
-        self._route(outcome, msg.reply_to)
-        if msg.model != self.route.model:
-            what = f"stage {self.route.stage!r} of {self.route.model!r}" if self.route.stage else repr(self.route.model)
-            self.fail(outcome, "unknown_model", f"this worker group serves {what}, not {msg.model!r}", None)
-        elif self.honor_deadlines and msg.deadline_ms is not None and now_ms() > msg.deadline_ms:
-            outcome.result = self._result(msg, "expired", error=ErrorInfo(
-                code="deadline_exceeded", message=f"deadline {msg.deadline_ms} passed before inference",
-                stage=self.route.stage))
-            self.stats.expired += 1
-        else:
-            try:
-                item.inputs = self.model.validate(msg.payload)
-            except BadInput as exc:
-                self.fail(outcome, "bad_input", str(exc), None)
-            except Exception as exc:  # noqa: BLE001 - a model's own validate may raise anything on odd input
-                self.fail(outcome, "bad_input", f"{type(exc).__name__}: {exc}", None)
-        return outcome
+            batch.values[i] = self.writer.forward(msg, self.route.next_stage, answer, trail)
+        except (WireError, TypeError, ValueError, OverflowError) as exc:
+            self.fail(batch, i, "model_error", f"stage output cannot be encoded: {exc}")
+            return
+        batch.status[i] = FORWARDED
+        batch.dest_topic[i], batch.dest_partition[i] = self.route.next_topic, None
 
-    def _route(self, outcome: Outcome, reply: ReplyTo | None) -> None:
-        outcome.reply_topic = reply.topic if reply else self.default_reply_topic
-        outcome.reply_partition = reply.partition if reply else None
+    def fail(self, batch: Batch, i: int, code: str, message: str, timings: tuple[float, int, float] | None = None,
+             *, request_id: str | None = None, reply_to: WireReply | ReplyTo | None = None) -> None:
+        """Record ``i`` ends in a dead letter, and an error result where the request can be answered.
 
-    def _succeed(self, outcome: Outcome, answer: Any, timings: Timings) -> None:
-        msg = outcome.item.message
-        assert msg is not None
-        route = self.route
-        trail = msg.trail
-        if route.stage is not None:
-            trail = [*trail, StageTiming(stage=route.stage, worker=self.worker, queue_ms=timings.queue_ms,
-                                         batch_size=timings.batch_size, inference_ms=timings.inference_ms,
-                                         done_ms=now_ms())]
-        if route.next_stage is not None:
-            outcome.forward = msg.model_copy(update={"stage": route.next_stage, "payload": answer, "trail": trail})
-        else:
-            outcome.result = self._result(msg, "ok", outputs=answer, timings=timings,
-                                          stages=trail if route.stage is not None else None)
-        self.stats.ok += 1
-
-    def fail(
-        self,
-        outcome: Outcome,
-        code: Any,
-        message: str,
-        timings: Timings | None,
-        *,
-        request_id: str | None = None,
-        reply_to: ReplyTo | None = None,
-    ) -> None:
-        """An error result (when the request can be routed) and a dead letter."""
-        if (outcome.result is not None and outcome.result.status == "ok") or outcome.forward is not None:
-            self.stats.ok -= 1
-        outcome.forward = None
-        self.stats.errors += 1
-        self.stats.dead_letters += 1
-        outcome.dead_letter = DeadLetter(code, message)
-        msg = outcome.item.message
-        rid = msg.id if msg else request_id
-        outcome.result = None
-        if not valid_request_id(rid):
-            return  # nobody to tell (no id, or one no result can carry): the dead letter alone records it
-        assert rid is not None
+        Called again for a record (its output could not be sent), it replaces what was decided before.
+        Never raises."""
+        batch.dead[i] = DeadLetter(code, message)
+        batch.status[i] = "error"
+        batch.values[i] = None
+        msg = batch.messages[i]
+        rid = msg.id if msg is not None else request_id
         if msg is None:
-            self._route(outcome, reply_to)
+            self._route(batch, i, reply_to)
+        if msg is not None and self.route.next_stage is not None and batch.dest_topic[i] == self.route.next_topic:
+            self._route(batch, i, msg.reply_to)  # it was to be forwarded: the error result goes to the client
+        if not valid_request_id(rid):
+            batch.ids[i] = None
+            return  # nobody to tell (no id, or one no result can carry): the dead letter alone records it
+        batch.ids[i] = rid
+        stages = None
+        if isinstance(msg, WireStage) and self.route.stage is not None:
+            stages = [StageTiming(stage=t.stage, worker=t.worker, queue_ms=t.queue_ms, batch_size=t.batch_size,
+                                  inference_ms=t.inference_ms, done_ms=t.done_ms) for t in _trail(msg)] or None
         try:
-            outcome.result = InferenceResult(
-                id=rid,
-                model=msg.model if msg else self.route.model,
-                model_version=self.model.version,
-                status="error",
-                error=ErrorInfo(code=code, message=message, stage=self.route.stage),
-                timings=timings,
-                stages=(msg.trail or None) if msg is not None and self.route.stage is not None else None,
-                worker=self.worker,
-            )
-        except ValidationError:
-            outcome.result = None  # cannot happen for what the checks above let through; never raise here
+            batch.values[i] = self.codec.encode_result(InferenceResult(
+                id=rid, model=msg.model if msg is not None else self.route.model, model_version=self.model.version,
+                status="error", error=ErrorInfo(code=code, message=message, stage=self.route.stage),
+                timings=None if timings is None else Timings(queue_ms=timings[0], batch_size=timings[1],
+                                                             inference_ms=timings[2]),
+                stages=stages, worker=self.worker))
+        except (ValidationError, WireError):
+            batch.values[i] = None  # cannot happen for what the checks above let through; never raise here
 
-    def _result(self, msg: StageMessage, status: Any, **fields: Any) -> InferenceResult:
-        return InferenceResult(
-            id=msg.id,
-            model=msg.model,
-            model_version=self.model.version,
-            status=status,
-            worker=self.worker,
-            created_ms=now_ms(),
-            **fields,
-        )
-
+    # -- where batches run ----------------------------------------------------------------------------
     def _estimate_ms(self, n: int) -> float:
         """The model's time for a batch of ``n``: flat below the sizes measured (a small model's time is
         mostly fixed overhead), linear above them."""
@@ -274,12 +307,16 @@ class BatchRunner:
 
     def _run_bisect(self, inputs: list[Any]) -> list[Any]:
         """Outputs per item, or the exception for the items the model cannot run."""
-        self.stats.forward_passes += 1
+        self._passes[0] += 1
         try:
             return self.model.run(inputs)
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated by bisection
             if len(inputs) == 1:
                 return [exc]
         mid = len(inputs) // 2
-        self.stats.extra_forward_passes += 2
+        self._passes[1] += 2
         return self._run_bisect(inputs[:mid]) + self._run_bisect(inputs[mid:])
+
+
+def _trail(msg: WireRequest | WireStage | None) -> list[WireTiming]:
+    return (msg.trail or []) if isinstance(msg, WireStage) else []

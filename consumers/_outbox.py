@@ -1,4 +1,4 @@
-"""Publishing a batch's outcomes, where no record can fail anything but itself.
+"""Publishing a batch, where no record can fail anything but itself.
 
 Each consumed record ends in exactly one of: its result (or forwarded stage message), a dead
 letter (with an error result where the request can be answered), or, where even the dead
@@ -9,31 +9,39 @@ afterwards (a reply topic deleted meanwhile, a broker limit lower than ours) is 
 delivery fails, by the commit task (:meth:`Outbox.settle`). Only failures of the cluster itself
 (our dead-letter or stage topic unreachable past the producer's retries) stop the worker, with
 nothing committed past them.
+
+Records are sent the way the data is shaped: appended to the producer's open record batch of each
+destination partition, with one delivery future per record batch, not one ``send`` (a coroutine
+and a future) per record. A record batch the broker refuses as too large is sent again one record
+at a time, so that only the record at fault fails.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidTopicError,
     LeaderNotAvailableError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
+    ProducerClosed,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
 
-from schemas import REQUEST_ID_HEADER, Codec, RoutingHeaders, WireError, header_text
+from schemas import CONTENT_TYPE_HEADER, REQUEST_ID_HEADER, SCHEMA_HEADER, SCHEMA_VERSION, RoutingHeaders
 from streamer.config import WorkerSettings
 from streamer.metrics import WorkerMetrics
 
-from ._dead_letter import send_dead_letter
-from ._inference import BatchRunner
-from ._items import DeadLetter, Outcome, Route
+from ._batch import FORWARDED, Batch, DeadLetter, Route
+from ._dead_letter import dead_letter_record
+from ._inference import BatchRunner, RunStats
 from ._routes import ReplyRoutes
 
 __all__ = ["Delivery", "Outbox"]
@@ -46,156 +54,304 @@ _RECORD_ERRORS = (MessageSizeTooLargeError, InvalidTopicError, TopicAuthorizatio
 # the topic is gone (a metadata request), else the cluster's.
 _MAYBE_GONE = (UnknownTopicOrPartitionError, NotLeaderForPartitionError, LeaderNotAvailableError)
 _HEADERS_SIZE = 200  # routing headers of a result or stage message, generously
+_RESULT_HEADERS = [(SCHEMA_HEADER, str(SCHEMA_VERSION).encode()), (CONTENT_TYPE_HEADER, b"application/msgpack")]
+# What the producer may raise when a record is handed to it; AssertionError: a partition it does not know.
+_SEND_ERRORS = (*_RECORD_ERRORS, *_MAYBE_GONE, AssertionError, ValueError)
+RESULT, FORWARD, DEAD_LETTER = "result", "forward", "dead_letter"
 
-Delivery = tuple[Any, Outcome, str]  # (delivery future, its outcome, "result" | "forward" | "dead_letter")
+
+@dataclass(slots=True)
+class Delivery:
+    """Records sent together (one record batch), and the future the producer resolves when they are written."""
+
+    future: Any
+    batch: Batch
+    kind: str  # RESULT | FORWARD | DEAD_LETTER
+    topic: str
+    partition: int | None  # None: a dead letter, partitioned by the producer
+    indices: list[int]
 
 
 class Outbox:
-    def __init__(self, settings: WorkerSettings, codec: Codec, runner: BatchRunner, route: Route,
-                 metrics: WorkerMetrics, worker: str) -> None:
+    def __init__(self, settings: WorkerSettings, runner: BatchRunner, route: Route, metrics: WorkerMetrics,
+                 worker: str, stats: RunStats) -> None:
         self.settings = settings
-        self.codec = codec
         self.runner = runner
         self.route = route
         self.metrics = metrics
         self.worker = worker
+        self.stats = stats
         self.routes = ReplyRoutes(settings)
         self.max_bytes = settings.max_record_bytes
         # Records the cluster refused as too large inside a transaction: redone, they are answered as such.
-        self._too_large: set[tuple[Any, int]] = set()
+        self._too_large: set[tuple[TopicPartition, int]] = set()
+        # Records of a record batch the cluster refused as too large inside a transaction: redone, each alone.
+        self._alone: set[tuple[TopicPartition, int]] = set()
+        self._partitions: dict[tuple[str, int], dict[bytes, int]] = {}  # (topic, partition count) -> key -> partition
 
-    async def prepare(self, outcomes: Sequence[Outcome], producer: AIOKafkaProducer) -> None:
-        """Learn, in one metadata request, whether the reply topics of this batch that are new exist."""
-        topics = {o.reply_topic for o in outcomes if o.reply_topic is not None and o.result is not None}
+    async def publish(self, batch: Batch, producer: AIOKafkaProducer,
+                      indices: Sequence[int] | None = None) -> list[Delivery]:
+        """Send the records of ``batch`` (or of ``indices`` in it): results and forwarded messages by destination
+        partition, then dead letters. Never raises for what a record holds."""
+        todo = list(range(len(batch))) if indices is None else list(indices)
+        topics = {batch.dest_topic[i] for i in todo
+                  if batch.values[i] is not None and batch.status[i] != FORWARDED}
+        topics.discard(None)
         if topics:
-            await self.routes.resolve(producer.client, topics)
-
-    async def send(self, outcome: Outcome, producer: AIOKafkaProducer) -> list[Delivery]:
-        """Enqueue the records of one outcome; never raises for what the record holds."""
+            await self.routes.resolve(producer.client, topics)  # type: ignore[arg-type]
         sent: list[Delivery] = []
-        if outcome.forward is not None:
-            fut = await self._send_forward(outcome, producer)
-            if fut is not None:
-                sent.append((fut, outcome, "forward"))
-        if outcome.result is not None and outcome.reply_topic is not None:
-            fut = await self._send_result(outcome, producer)
-            if fut is not None:
-                sent.append((fut, outcome, "result"))
-        if outcome.dead_letter is not None:
-            fut = await self._send_dead_letter(outcome, producer)
-            if fut is not None:
-                sent.append((fut, outcome, "dead_letter"))
+        for _ in range(3):  # a forward that fails becomes an error result: one more round sends that
+            groups: dict[tuple[str, str, int | None], list[int]] = {}
+            for i in todo:
+                dest = self._destination(batch, i, producer)
+                if dest is not None:
+                    groups.setdefault(dest, []).append(i)
+            retry: list[int] = []
+            for (kind, topic, partition), idx in groups.items():
+                retry += await self._send_group(batch, kind, topic, partition, idx, producer, sent)
+            if not retry:
+                break
+            todo = retry
+        for i in (range(len(batch)) if indices is None else indices):
+            if i in batch.dead:
+                d = await self._send_dead_letter(batch, i, producer)
+                if d is not None:
+                    sent.append(d)
         return sent
 
-    async def _send_forward(self, outcome: Outcome, producer: AIOKafkaProducer) -> Any:
-        msg, item = outcome.forward, outcome.item
-        assert msg is not None and self.route.next_topic is not None
-        try:
-            value = self.codec.encode(msg)
-        except (WireError, TypeError) as exc:
-            self.runner.fail(outcome, "model_error", f"stage output cannot be encoded: {exc}", None)
-            return None
-        size = len(value) + len(item.key or b"") + _HEADERS_SIZE
-        if size > self.max_bytes or (item.tp, item.offset) in self._too_large:
-            self.runner.fail(outcome, "model_error", f"stage output of {size} bytes is over the "
-                             f"{self.max_bytes}-byte record limit (max_record_bytes)", None)
-            return None
-        try:
-            return await producer.send(self.route.next_topic, value, key=item.key,
-                                       headers=RoutingHeaders(msg.id, msg.reply_to).build())
-        except _RECORD_ERRORS as exc:
-            self.runner.fail(outcome, "undeliverable", f"the stage message was refused: {exc!r}", None)
-            return None
-
-    async def _send_result(self, outcome: Outcome, producer: AIOKafkaProducer) -> Any:
-        result, item = outcome.result, outcome.item
-        assert result is not None and outcome.reply_topic is not None
-        why = self.routes.refuse(producer.client, outcome.reply_topic, outcome.reply_partition)
-        if why is not None:
-            self._no_reply(outcome, "bad_route", why)
-            return None
-        try:
-            value = self.codec.encode_result(result)
-        except (WireError, TypeError) as exc:
-            # The model's output cannot go on the wire: an error result, and a dead letter.
-            self.runner.fail(outcome, "model_error", f"output cannot be encoded: {exc}", result.timings)
-            return await self._send_result(outcome, producer)
-        key = item.key if item.key is None or len(item.key) <= self.max_bytes // 4 else None
-        size = len(value) + len(key or b"") + _HEADERS_SIZE
-        if size > self.max_bytes or ((item.tp, item.offset) in self._too_large and result.status == "ok"):
-            if result.status == "error":  # an error result is small: only a vast id or message gets here
-                self._no_reply(outcome, "undeliverable", f"error result of {size} bytes is over the record limit")
+    # -- deciding where each record goes ------------------------------------------------------------
+    def _destination(self, batch: Batch, i: int, producer: AIOKafkaProducer) -> tuple[str, str, int | None] | None:
+        """(kind, topic, partition) of record ``i``'s result or forwarded message; None if it has none to send.
+        A record that may not be sent is decided here (an error result, or a dead letter alone)."""
+        rec = batch.records[i]
+        here = (batch.tp(i), rec.offset)
+        for _ in range(3):
+            value, topic = batch.values[i], batch.dest_topic[i]
+            if value is None or topic is None:
                 return None
-            self.runner.fail(outcome, "model_error", f"result of {size} bytes is over the {self.max_bytes}-byte "
-                             "record limit (max_record_bytes)", result.timings)
-            return await self._send_result(outcome, producer)
-        try:
-            return await producer.send(outcome.reply_topic, value, key=key, partition=outcome.reply_partition,
-                                       headers=RoutingHeaders(result.id, None).build())
-        except (*_RECORD_ERRORS, *_MAYBE_GONE, AssertionError, ValueError) as exc:  # Assertion: a bad partition
-            if isinstance(exc, _MAYBE_GONE) and not await self.routes.confirm_absent(producer.client,
-                                                                                     outcome.reply_topic):
-                raise
-            self._no_reply(outcome, "bad_route", f"the result could not be sent to {outcome.reply_topic!r}: {exc!r}")
-            return None
+            key = self._key(rec.key)
+            size = len(value) + len(key or b"") + _HEADERS_SIZE
+            if batch.status[i] == FORWARDED:
+                if size > self.max_bytes or here in self._too_large:
+                    self.runner.fail(batch, i, "model_error", f"stage output of {size} bytes is over the "
+                                     f"{self.max_bytes}-byte record limit (max_record_bytes)")
+                    continue
+                return FORWARD, topic, None
+            partition = batch.dest_partition[i]
+            why = self.routes.refuse(producer.client, topic, partition)
+            if why is not None:
+                self._no_reply(batch, i, "bad_route", why)
+                return None
+            if size > self.max_bytes or (here in self._too_large and batch.status[i] == "ok"):
+                if batch.status[i] != "ok":  # an error result is small: only a vast id or message gets here
+                    self._no_reply(batch, i, "undeliverable", f"error result of {size} bytes is over the record limit")
+                    return None
+                self.runner.fail(batch, i, "model_error", f"result of {size} bytes is over the {self.max_bytes}-byte "
+                                 "record limit (max_record_bytes)", self._timings(batch, i))
+                continue
+            return RESULT, topic, partition
+        return None
 
-    def _no_reply(self, outcome: Outcome, code: str, why: str) -> None:
+    def _key(self, key: bytes | None) -> bytes | None:
+        return key if key is None or len(key) <= self.max_bytes // 4 else None
+
+    @staticmethod
+    def _timings(batch: Batch, i: int) -> tuple[float, int, float] | None:
+        st = batch.stats
+        for wait_s, _n in st.queue_waits[:1]:
+            return wait_s * 1000, st.runnable, st.inference_s * 1000
+        return None
+
+    def _no_reply(self, batch: Batch, i: int, code: str, why: str) -> None:
         """The result cannot be sent: the dead letter says why (once: an error result's stays as it is)."""
-        log.warning("%s: %s; dead-lettering it", _who(outcome), why)
-        if outcome.dead_letter is None:
-            self.runner.stats.dead_letters += 1
-            outcome.dead_letter = DeadLetter(code, why)
-        outcome.result = None
+        log.warning("%s: %s; dead-lettering it", batch.where(i), why)
+        if i not in batch.dead:
+            batch.dead[i] = DeadLetter(code, why)
+        batch.values[i] = None
+        batch.status[i] = None
 
-    async def _send_dead_letter(self, outcome: Outcome, producer: AIOKafkaProducer) -> Any:
-        assert outcome.dead_letter is not None
+    def _partition(self, producer: AIOKafkaProducer, topic: str, key: bytes | None) -> int:
+        """The producer's partitioner's choice for ``key``, remembered per key while the partition count holds."""
+        count = len(producer.client.cluster.partitions_for_topic(topic) or ())
+        if key is None or not count:
+            return int(producer._partition(topic, None, None, None, key, None))
+        cache = self._partitions.get((topic, count))
+        if cache is None:
+            if len(self._partitions) > 1000:
+                self._partitions.clear()
+            cache = self._partitions[(topic, count)] = {}
+        p = cache.get(key)
+        if p is None:
+            if len(cache) > 100_000:
+                cache.clear()
+            p = cache[key] = int(producer._partition(topic, None, None, None, key, None))
+        return p
+
+    # -- sending ------------------------------------------------------------------------------------
+    def _record(self, batch: Batch, i: int, kind: str) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+        rec, value = batch.records[i], batch.values[i]
+        assert value is not None
+        if kind == FORWARD:
+            msg = batch.messages[i]
+            assert msg is not None
+            return rec.key, value, RoutingHeaders(msg.id, msg.reply_to).build()
+        rid = batch.ids[i]
+        assert rid is not None
+        return self._key(rec.key), value, [*_RESULT_HEADERS, (REQUEST_ID_HEADER, rid.encode())]
+
+    async def _send_group(self, batch: Batch, kind: str, topic: str, partition: int | None, idx: list[int],
+                          producer: AIOKafkaProducer, sent: list[Delivery]) -> list[int]:
+        """Send one destination's records in record batches; returns the records to decide again."""
         try:
-            return await send_dead_letter(producer, self.settings.dead_letter_topic, outcome.item,
-                                          outcome.dead_letter, self.worker, self.max_bytes)
-        except _RECORD_ERRORS as exc:
-            self.drop(outcome, exc)
-            return None
+            await producer.client._wait_on_metadata(topic)  # what producer.send does first (aiokafka 0.14)
+        except _SEND_ERRORS as exc:
+            return await self._refused(batch, kind, topic, idx, exc, producer)
+        if partition is None:  # by key: split by the partition each key goes to
+            parts: dict[int, list[int]] = {}
+            for i in idx:
+                parts.setdefault(self._partition(producer, topic, batch.records[i].key), []).append(i)
+        else:
+            parts = {partition: idx}
+        retry: list[int] = []
+        known = producer.client.cluster.partitions_for_topic(topic) or ()
+        for p, members in parts.items():
+            if p not in known:
+                retry += await self._refused(batch, kind, topic, members, AssertionError(
+                    f"partition {p} of {topic!r} is not known"), producer)
+                continue
+            tp, chunk = TopicPartition(topic, p), list[int]()
+            current: Any = None  # the producer's record batch that the records of ``chunk`` went into
+            for i in members:
+                if (batch.tp(i), batch.records[i].offset) in self._alone:
+                    retry += await self._submit(batch, kind, topic, p, [i], producer, sent)
+                    continue
+                key, value, headers = self._record(batch, i, kind)
+                if current is None or current._builder.append(timestamp=None, key=key, value=value,
+                                                              headers=headers) is None:
+                    if chunk:
+                        sent.append(Delivery(current.future, batch, kind, topic, p, chunk))
+                        chunk = []
+                    current = await _batch_with_room(producer, tp, key, value, headers)
+                chunk.append(i)
+            if chunk:
+                sent.append(Delivery(current.future, batch, kind, topic, p, chunk))
+        return retry
 
-    def drop(self, outcome: Outcome, exc: BaseException) -> None:
+    async def _submit(self, batch: Batch, kind: str, topic: str, partition: int, idx: list[int],
+                      producer: AIOKafkaProducer, sent: list[Delivery]) -> list[int]:
+        """Send one record alone (``idx`` holds one index)."""
+        try:
+            key, value, headers = self._record(batch, idx[0], kind)
+            fut = await producer.send(topic, value, key=key, partition=partition, headers=headers)
+        except _SEND_ERRORS as exc:
+            return await self._refused(batch, kind, topic, idx, exc, producer)
+        sent.append(Delivery(fut, batch, kind, topic, partition, idx))
+        return []
+
+    async def _refused(self, batch: Batch, kind: str, topic: str, idx: list[int], exc: BaseException,
+                       producer: AIOKafkaProducer) -> list[int]:
+        """Records the producer refused to take: their error results (returned, to send next), or dead letters
+        alone; raises when the refusal is the cluster's, not the records'."""
+        if kind == FORWARD:
+            if not isinstance(exc, _RECORD_ERRORS):
+                raise exc
+            for i in idx:
+                self.runner.fail(batch, i, "undeliverable", f"the stage message was refused: {exc!r}")
+            return idx  # their error results are sent in the next round
+        if isinstance(exc, _MAYBE_GONE) and not await self.routes.confirm_absent(producer.client, topic):
+            raise exc
+        for i in idx:
+            self._no_reply(batch, i, "bad_route", f"the result could not be sent to {topic!r}: {exc!r}")
+        return []
+
+    async def _send_dead_letter(self, batch: Batch, i: int, producer: AIOKafkaProducer) -> Delivery | None:
+        key, value, headers = dead_letter_record(batch.records[i], batch.dead[i], self.worker, self.max_bytes)
+        topic = self.settings.dead_letter_topic
+        try:
+            fut = await producer.send(topic, value, key=key, headers=headers)
+        except _RECORD_ERRORS as exc:
+            self.drop(batch, i, exc)
+            return None
+        return Delivery(fut, batch, DEAD_LETTER, topic, None, [i])
+
+    def drop(self, batch: Batch, i: int, exc: BaseException) -> None:
         """Even the dead letter could not be written: log it and count it."""
         self.metrics.labels(self.metrics.dropped).inc()
-        log.warning("%s: the dead letter could not be written (%r); the record is dropped", _who(outcome), exc)
+        log.warning("%s: the dead letter could not be written (%r); the record is dropped", batch.where(i), exc)
 
+    # -- what the cluster refused after sending --------------------------------------------------------
     async def learn(self, delivery: Delivery, exc: BaseException, producer: AIOKafkaProducer) -> None:
-        """A record of a transaction was refused; the transaction is redone, and this decides how the
-        record ends the next time: a reply topic the cluster says is gone is refused, a result too large
-        is an error. Anything else (a broker failover) changes nothing: the redo sends it again."""
-        _fut, outcome, kind = delivery
-        if kind == "result" and isinstance(exc, _MAYBE_GONE) and outcome.reply_topic is not None:
-            await self.routes.confirm_absent(producer.client, outcome.reply_topic)
-        elif isinstance(exc, MessageSizeTooLargeError) and len(self._too_large) < 100_000:
-            self._too_large.add((outcome.item.tp, outcome.item.offset))
+        """A record batch of a transaction was refused; the transaction is redone, and this decides how its
+        records end the next time: a reply topic the cluster says is gone is refused; a record batch too
+        large is sent a record at a time, and a record too large alone is answered as such. Anything else
+        (a broker failover) changes nothing: the redo sends it again."""
+        batch, idx = delivery.batch, delivery.indices
+        if delivery.kind == RESULT and isinstance(exc, _MAYBE_GONE):
+            await self.routes.confirm_absent(producer.client, delivery.topic)
+        elif isinstance(exc, MessageSizeTooLargeError) and len(self._too_large) + len(self._alone) < 100_000:
+            where = self._alone if len(idx) > 1 else self._too_large
+            where.update((batch.tp(i), batch.records[i].offset) for i in idx)
 
-    async def settle(self, delivery: Delivery, exc: BaseException, producer: AIOKafkaProducer) -> Any:
-        """A delivery failed after it was sent. Returns the future of the dead letter written instead,
-        or None; raises ``exc`` when the failure is the cluster's, not the record's."""
-        _fut, outcome, kind = delivery
-        if kind == "dead_letter":
+    async def settle(self, delivery: Delivery, exc: BaseException, producer: AIOKafkaProducer) -> list[Delivery]:
+        """A delivery failed after it was sent. Returns what was sent instead (each record alone, or dead
+        letters); raises ``exc`` when the failure is the cluster's, not the records'."""
+        batch, kind, idx = delivery.batch, delivery.kind, delivery.indices
+        if kind == DEAD_LETTER:
             if isinstance(exc, _RECORD_ERRORS):
-                self.drop(outcome, exc)
-                return None
+                self.drop(batch, idx[0], exc)
+                return []
             raise exc
+        if isinstance(exc, MessageSizeTooLargeError) and len(idx) > 1:
+            # The broker refused the record batch whole (its limit is under ours): nothing of it was written.
+            # Each record alone finds out which of them is too large.
+            sent: list[Delivery] = []
+            for i in idx:
+                assert delivery.partition is not None
+                await self._submit(batch, kind, delivery.topic, delivery.partition, [i], producer, sent)
+            return sent
         record_level = isinstance(exc, _RECORD_ERRORS) or (
-            kind == "result" and isinstance(exc, _MAYBE_GONE) and outcome.reply_topic is not None
-            and await self.routes.confirm_absent(producer.client, outcome.reply_topic))
+            kind == RESULT and isinstance(exc, _MAYBE_GONE)
+            and await self.routes.confirm_absent(producer.client, delivery.topic))
         if not record_level:
             raise exc  # the cluster's trouble (a failover longer than produce_timeout_ms): stop, commit nothing
-        if outcome.dead_letter is not None:  # an error result: its dead letter, written already, is its outcome
-            log.warning("%s: the error result could not be delivered (%r)", _who(outcome), exc)
-            return None
-        self.runner.stats.dead_letters += 1
-        outcome.dead_letter = DeadLetter("undeliverable", f"the {kind} could not be delivered: {exc!r}")
-        log.warning("%s: %s", _who(outcome), outcome.dead_letter.message)
-        self.metrics.labels(self.metrics.dead_letters, "undeliverable").inc()
-        return await self._send_dead_letter(outcome, producer)
+        out: list[Delivery] = []
+        for i in idx:
+            if i in batch.dead:  # an error result: its dead letter, written already, is its outcome
+                log.warning("%s: the error result could not be delivered (%r)", batch.where(i), exc)
+                continue
+            self.stats.dead_letters += 1
+            dl = batch.dead[i] = DeadLetter("undeliverable", f"the {kind} could not be delivered: {exc!r}")
+            log.warning("%s: %s", batch.where(i), dl.message)
+            self.metrics.labels(self.metrics.dead_letters, "undeliverable").inc()
+            d = await self._send_dead_letter(batch, i, producer)
+            if d is not None:
+                out.append(d)
+        return out
 
 
-def _who(outcome: Outcome) -> str:
-    item = outcome.item
-    rid = item.message.id if item.message is not None else header_text(item.headers, REQUEST_ID_HEADER)
-    return f"{item.tp.topic}-{item.tp.partition}@{item.offset} (request {(rid or '?')[:128]})"
+async def _batch_with_room(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | None, value: bytes,
+                           headers: list[tuple[str, bytes]]) -> Any:
+    """The producer's open record batch for ``tp`` with the record appended: the one the sender has not taken
+    yet, else a new one. Records of several worker batches so share a produce request while the last one is
+    in flight, as ``producer.send`` would, without its per-record future and coroutine. Like ``send``, waits
+    (at most ``request_timeout_ms``) while a full batch for ``tp`` waits for the sender.
+
+    Reads aiokafka's (pinned, 0.14) message accumulator: ``_batches``, ``_append_batch``, ``MessageBatch._builder``.
+    """
+    acc = producer._message_accumulator
+    timeout = producer._request_timeout_ms / 1000
+    while True:
+        if acc._closed:
+            raise ProducerClosed()
+        if acc._exception is not None:
+            raise copy.copy(acc._exception)
+        pending = acc._batches.get(tp)
+        if pending:
+            last = pending[-1]
+            if last._builder.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+                return last
+            await last.wait_drain(timeout)  # full: back-pressure, as send has
+            continue
+        batch = acc._append_batch(acc.create_builder(), tp)  # wakes the sender
+        batch._builder.append(timestamp=None, key=key, value=value, headers=headers)  # the first record always fits
+        return batch

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +16,9 @@ from aiokafka.errors import KafkaError
 from schemas import now_ms
 from streamer import kafka
 from streamer.config import WorkerSettings
-from streamer.metrics import WorkerMetrics, scaling_estimate
+from streamer.metrics import WorkerMetrics, observe_many, scaling_estimate
 
-from ._items import Item, Outcome
+from ._batch import Batch, BatchStats
 
 __all__ = ["Telemetry"]
 
@@ -47,39 +46,28 @@ class Telemetry:
     def fetched(self, n: int) -> None:
         self._requests.inc(n)
 
-    def batch(self, size: int, inference_s: float, queue_waits_s: list[float]) -> None:
-        self._batch_size.observe(size)
-        self._inference.observe(inference_s)
-        wait = self._queue_wait
-        for w in queue_waits_s:
-            wait.observe(w)
-
-    def published(self, batch: list[Item], outcomes: list[Outcome]) -> None:
-        """Counted once per batch: results by status, dead letters by code, latency of ok results."""
-        now = now_ms()
-        statuses: Counter[str] = Counter()
-        codes: Counter[str] = Counter()
-        latency = self._latency
-        for o in outcomes:
-            if o.forward is not None:
-                statuses["forwarded"] += 1
-            elif o.result is not None:
-                status: str = o.result.status
-                statuses[status] += 1
-                msg = o.item.message
-                if status == "ok" and msg is not None and msg.created_ms is not None:
-                    latency.observe(max(0, now - msg.created_ms) / 1000)
-            if o.dead_letter is not None:
-                codes[o.dead_letter.code] += 1
-        for status, n in statuses.items():
+    def published(self, batch: Batch, st: BatchStats) -> None:
+        """Counted once per batch, from its stats: batch size, model time and queue waits of the items that
+        ran, results by status, dead letters by code, and the latency of each ok result."""
+        if st.runnable:
+            self._batch_size.observe(st.runnable)
+            self._inference.observe(st.inference_s)
+            for wait_s, n in st.queue_waits:
+                observe_many(self._queue_wait, wait_s, n)
+        for status, n in st.statuses.items():
             self._statuses[status].inc(n)
-        for code, n in codes.items():
+        for code, n in st.dead_letters.items():
             child = self._dead.get(code)
             if child is None:
                 child = self._dead[code] = self.metrics.labels(self.metrics.dead_letters, code)
             child.inc(n)
-        for item in batch:
-            self._next[item.tp] = item.offset + 1
+        if st.statuses["ok"]:
+            now, latency = now_ms(), self._latency
+            for st_i, created in zip(batch.status, batch.created, strict=True):
+                if st_i == "ok" and created is not None:
+                    latency.observe(max(0, now - created) / 1000)
+        for run in batch.runs:
+            self._next[run.tp] = run.records[-1].offset + 1
 
     def rebalanced(self, revoked: set[TopicPartition]) -> None:
         self.metrics.labels(self.metrics.rebalances).inc()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas import Codec, ErrorInfo, InferenceResult, Limits, RoutingHeaders
 from streamer import kafka
@@ -35,8 +35,8 @@ from streamer.ranges import Span
 from streamer.replay_jobs import ReplaySummary, job_group, plan_metadata, read_plan
 from streamer.sinks import Sink
 
+from ._batch import FORWARDED, Batch, DeadLetter, Route, Run
 from ._inference import BatchRunner
-from ._items import Item, Outcome, Route
 from .stage import stage_route
 
 __all__ = ["Engine", "ReplayJob", "ReplaySummary", "replay_codec"]
@@ -75,26 +75,43 @@ class Engine:
         for r in self.runners:
             r.warm_up()
 
-    async def run(self, items: list[Item]) -> list[InferenceResult]:
+    async def run(self, records: list[Any]) -> list[InferenceResult]:
+        """One final result per record, in order (records of one topic, as consumed)."""
         final: dict[int, InferenceResult] = {}
-        origin = {id(item): i for i, item in enumerate(items)}
-        todo = items
+        origin = list(range(len(records)))  # the index in ``records`` of each record of the stage's batch
+        todo = records
         for runner in self.runners:
             if not todo:
                 break
-            outcomes = await runner.run(todo)
-            forwarded = []
-            for o in outcomes:
-                src = origin[id(o.item)]
-                if o.forward is not None:
-                    nxt = Item(o.item.tp, o.item.offset, o.item.key, self.codec.encode(o.forward),
-                               RoutingHeaders(o.forward.id, o.forward.reply_to).build(), o.item.arrived, 0)
-                    origin[id(nxt)] = src
-                    forwarded.append(nxt)
+            batch = Batch(_runs(todo))
+            await runner.run(batch)
+            forwarded, nxt_origin = [], []
+            for i, rec in enumerate(batch.records):
+                value = batch.values[i]
+                if batch.status[i] == FORWARDED and value is not None:
+                    msg = batch.messages[i]
+                    assert msg is not None
+                    forwarded.append(ConsumerRecord(rec.topic, rec.partition, rec.offset, rec.timestamp,
+                                                    rec.timestamp_type, rec.key, value, None, 0, len(value),
+                                                    RoutingHeaders(msg.id, msg.reply_to).build()))
+                    nxt_origin.append(origin[i])
+                elif value is not None:
+                    final[origin[i]] = self.codec.decode_result(value)
                 else:
-                    final[src] = o.result if o.result is not None else _anonymous_error(o, runner.route)
-            todo = forwarded
-        return [final[i] for i in range(len(items))]
+                    final[origin[i]] = _anonymous_error(rec, batch.dead.get(i), runner.route)
+            todo, origin = forwarded, nxt_origin
+        return [final[i] for i in range(len(records))]
+
+
+def _runs(records: list[Any]) -> list[Run]:
+    """Consecutive records of one partition, one run each."""
+    now, runs = time.monotonic(), []  # type: float, list[Run]
+    for rec in records:
+        if runs and runs[-1].tp.partition == rec.partition:
+            runs[-1].records.append(rec)
+        else:
+            runs.append(Run(TopicPartition(rec.topic, rec.partition), 0, now, [rec]))
+    return runs
 
 
 def _runner(runner: BatchRunner, keep_deadlines: bool) -> BatchRunner:
@@ -102,10 +119,9 @@ def _runner(runner: BatchRunner, keep_deadlines: bool) -> BatchRunner:
     return runner
 
 
-def _anonymous_error(o: Outcome, route: Route) -> InferenceResult:
-    dl = o.dead_letter
+def _anonymous_error(rec: Any, dl: DeadLetter | None, route: Route) -> InferenceResult:
     return InferenceResult(
-        id=f"{o.item.tp.topic}:{o.item.tp.partition}:{o.item.offset}", model=route.model, status="error",
+        id=f"{rec.topic}:{rec.partition}:{rec.offset}", model=route.model, status="error",
         error=ErrorInfo(code=dl.code if dl else "model_error", message=dl.message if dl else "no result",
                         stage=route.stage),
     )
@@ -158,10 +174,10 @@ class ReplayJob:
                 consumer.seek(tp, nxt[tp])
             consumer.pause(*spans)  # the reader resumes one partition at a time
             await self._commit(consumer, spans, nxt)  # records the plan before any output
-            batches: asyncio.Queue[list[Item] | None] = asyncio.Queue(maxsize=2)
+            batches: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=2)
             reader = asyncio.create_task(self._read(consumer, spans, pending, batches))
             last_checkpoint = time.monotonic()
-            done: tuple[list[Item], list[InferenceResult]] | None = None
+            done: tuple[list[Any], list[InferenceResult]] | None = None
             try:
                 while True:
                     batch = None if self._stop.is_set() else await batches.get()
@@ -169,8 +185,8 @@ class ReplayJob:
                     await asyncio.sleep(0)  # the next batch is decoded and in the model before the last is written
                     if done is not None:
                         await self.sink.write(done[1])
-                        for item in done[0]:
-                            nxt[item.tp] = item.offset + 1
+                        for rec in done[0]:
+                            nxt[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
                         summary.processed += len(done[0])
                         summary.statuses.update(r.status for r in done[1])
                         if progress:
@@ -199,22 +215,20 @@ class ReplayJob:
         await consumer.commit(offsets)
 
     async def _read(self, consumer: Any, spans: dict[TopicPartition, Span], pending: set[TopicPartition],
-                    out: asyncio.Queue[list[Item] | None]) -> None:
+                    out: asyncio.Queue[list[Any] | None]) -> None:
         """Read the spans one partition after another, in partition order, into batches of ``batch_size``.
 
         The order, and so each batch, is fixed by the range alone: replaying it again runs the
         model on the very same batches (bit-identical outputs, even where batch shape matters).
         None when every span is read.
         """
-        buf: list[Item] = []
+        buf: list[Any] = []
         for tp in sorted(pending, key=lambda t: t.partition):
             end = spans[tp].end
             consumer.resume(tp)
             while True:
                 fetched = (await consumer.getmany(tp, timeout_ms=200, max_records=self.batch_size)).get(tp, [])
-                now = time.monotonic()
-                buf.extend(Item(tp, r.offset, r.key, r.value or b"", list(r.headers or ()), now, 0)
-                           for r in fetched if r.offset < end)
+                buf.extend(r for r in fetched if r.offset < end)
                 while len(buf) >= self.batch_size:
                     await out.put(buf[: self.batch_size])
                     buf = buf[self.batch_size:]

@@ -8,7 +8,7 @@ from streamer.config import KafkaSettings, WorkerSettings, load_settings
 from streamer.models import load_model
 from streamer.pipeline import PipelineSpec
 
-from ._items import Route
+from ._batch import Route
 from .worker import Worker
 
 __all__ = ["stage_route", "stage_settings", "stage_worker"]

@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from typing import Any
 
 import torch
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -29,9 +30,9 @@ from streamer.config import WorkerSettings
 from streamer.metrics import WorkerMetrics
 from streamer.models import Model, load_model
 
+from ._batch import Batch, Route, Run
 from ._commit import ConsumerCommitter, OrderedCommits
 from ._inference import BatchRunner, RunStats
-from ._items import Item, Outcome, Route
 from ._outbox import Delivery, Outbox
 from ._telemetry import Telemetry
 from ._transactions import TransactionalProducers
@@ -76,10 +77,11 @@ class Worker:
         self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic, self.route)
         self.metrics = WorkerMetrics(self.route.model, self.route.stage or "")
         self.telemetry = Telemetry(settings, self.metrics)
-        self.runner.on_batch = self.telemetry.batch
-        self.outbox = Outbox(settings, self.codec, self.runner, self.route, self.metrics, self.name)
+        self.stats = RunStats()
+        self.outbox = Outbox(settings, self.runner, self.route, self.metrics, self.name, self.stats)
         self._watcher: asyncio.Task[None] | None = None
-        self._queue: BatchQueue[Item] = BatchQueue(self.policy)
+        # Runs of records keyed (partition, assignment epoch, fetch time).
+        self._queue: BatchQueue[tuple[TopicPartition, int, float], Any] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
         self._fenced: set[TopicPartition] = set()  # exactly-once: partitions a newer owner took from us
@@ -118,10 +120,6 @@ class Worker:
     def _advertised_capacity(self) -> float:
         """Items/s of model time: the configured figure, else the latest measure (0: unknown)."""
         return self.settings.capacity or self._measured or 0.0
-
-    @property
-    def stats(self) -> RunStats:
-        return self.runner.stats
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -251,7 +249,7 @@ class Worker:
         if not revoked:
             return
         self._revoking = revoked
-        dropped = self._queue.drop(lambda item: item.tp not in revoked)
+        dropped = self._queue.drop(lambda key: key[0] not in revoked)
         # Finish and commit what is already running, while the partitions are still ours.
         try:
             await asyncio.wait_for(self._drain(), self.settings.shutdown_timeout_s)
@@ -303,10 +301,8 @@ class Worker:
             for tp, records in batches.items():
                 if tp not in owned or tp in self._revoking or tp in self._fenced:
                     continue
-                epoch = self._epochs[tp]
                 self.telemetry.fetched(len(records))
-                for r in records:
-                    self._queue.put(Item(tp, r.offset, r.key, r.value or b"", list(r.headers or ()), now, epoch))
+                self._queue.put((tp, self._epochs[tp], now), records)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: stop fetching while the queue is full.
@@ -327,46 +323,46 @@ class Worker:
 
     async def _process_loop(self) -> None:
         while True:
-            batch = await self._queue.next_batch()
+            runs = await self._queue.next_batch()
             if self._stopping.is_set():
                 return  # not started: these records are redelivered to the partition's next reader
-            if not batch:
+            if not runs:
                 continue
             self._idle.clear()
             began = time.perf_counter()
             try:
-                outcomes = await self.runner.run(batch)
-                await self.outbox.prepare(outcomes, self._producer)
+                batch = Batch([Run(tp, epoch, arrived, records) for (tp, epoch, arrived), records in runs])
+                await self.runner.run(batch)
                 if self._txn is not None:
-                    await self._commit_in_transactions(outcomes)
+                    await self._commit_in_transactions(batch)
                 else:
-                    deliveries = [d for o in outcomes for d in await self.outbox.send(o, self._producer)]
-                    offsets: dict[TopicPartition, tuple[int, int]] = {}
-                    for item in batch:
-                        offsets[item.tp] = (item.offset + 1, item.epoch)
-                    self._commits.add(deliveries, offsets)
-                self.telemetry.published(batch, outcomes)
+                    self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
+                stats = batch.count()
+                self.stats.add(stats)
+                self.telemetry.published(batch, stats)
                 self.stats.busy_ms_total += (time.perf_counter() - began) * 1000
             finally:
                 self._idle.set()
             if self._stopping.is_set():
                 return  # the batch in flight is done; queued records are left for redelivery
 
-    async def _commit_in_transactions(self, outcomes: list[Outcome]) -> None:
+    async def _commit_in_transactions(self, batch: Batch) -> None:
         """Exactly-once: each partition's outputs and its next offset in one transaction."""
         assert self._txn is not None
-        by_tp: dict[TopicPartition, list[Outcome]] = {}
-        for o in outcomes:
-            by_tp.setdefault(o.item.tp, []).append(o)
-        for tp, outs in by_tp.items():
-            if outs[0].item.epoch != self._epochs[tp] or tp in self._fenced:
+        by_tp: dict[TopicPartition, list[int]] = {}
+        for i in range(len(batch)):
+            by_tp.setdefault(batch.tp(i), []).append(i)
+        epochs = {run.tp: run.epoch for run in batch.runs}
+        for tp, idx in by_tp.items():
+            if epochs[tp] != self._epochs[tp] or tp in self._fenced:
                 continue  # revoked or fenced since it was fetched: the next owner redoes it
+            first, last = batch.records[idx[0]].offset, batch.records[idx[-1]].offset
             producer = await self._txn.get(tp)
             try:
                 async with producer.transaction():
-                    sent = [d for o in outs for d in await self.outbox.send(o, producer)]
+                    sent = await self.outbox.publish(batch, producer, idx)
                     await self._delivered_in_transaction(sent, producer)
-                    await producer.send_offsets_to_transaction({tp: outs[-1].item.offset + 1}, self.settings.group_id)
+                    await producer.send_offsets_to_transaction({tp: last + 1}, self.settings.group_id)
             except ProducerFenced:
                 # A newer owner of the partition started its producer: we are a zombie for this one.
                 # Never start a producer for it again until the group assigns it to us anew: that
@@ -377,21 +373,20 @@ class Worker:
                 await self._txn.discard(tp)
             except KafkaError as exc:
                 # Unknown outcome: never guess. A new producer aborts the transaction; redo from its start.
-                log.warning("%s: transaction failed (%r); aborting it and redoing from offset %d", tp, exc,
-                            outs[0].item.offset)
+                log.warning("%s: transaction failed (%r); aborting it and redoing from offset %d", tp, exc, first)
                 await self._txn.discard(tp)
                 self._forget(tp)
                 if tp in self._consumer.assignment():
-                    self._consumer.seek(tp, outs[0].item.offset)
+                    self._consumer.seek(tp, first)
 
     def _forget(self, tp: TopicPartition) -> None:
-        self._queue.drop(lambda item: item.tp != tp)
+        self._queue.drop(lambda key: key[0] != tp)
 
     async def _delivered_in_transaction(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
         is gone, say) and the transaction aborts: it is redone from its start, and this time the record's
         outcome is its dead letter."""
-        answers = await asyncio.gather(*(d[0] for d in sent), return_exceptions=True)
+        answers = await asyncio.gather(*(d.future for d in sent), return_exceptions=True)
         for delivery, answer in zip(sent, answers, strict=True):
             if isinstance(answer, Exception):
                 await self.outbox.learn(delivery, answer, producer)

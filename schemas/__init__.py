@@ -2,6 +2,7 @@
 
 from ._codec import DTYPES, TENSOR_EXT_CODE, Codec, Limits
 from ._errors import DecodeError, LimitExceeded, SchemaError, WireError
+from ._fast import FAST_LIMITS, FastReader, ResultWriter, WireReply, WireRequest, WireStage, WireTiming
 from ._headers import (
     CONTENT_TYPE_HEADER,
     REPLY_PARTITION_HEADER,
@@ -31,6 +32,7 @@ from ._models import (
 __all__ = [
     "CONTENT_TYPE_HEADER",
     "DTYPES",
+    "FAST_LIMITS",
     "REPLY_PARTITION_HEADER",
     "REPLY_TOPIC_HEADER",
     "REQUEST_ID_HEADER",
@@ -41,11 +43,13 @@ __all__ = [
     "DecodeError",
     "ErrorCode",
     "ErrorInfo",
+    "FastReader",
     "InferenceRequest",
     "InferenceResult",
     "LimitExceeded",
     "Limits",
     "ReplyTo",
+    "ResultWriter",
     "RoutingHeaders",
     "SchemaError",
     "StageMessage",
@@ -53,6 +57,10 @@ __all__ = [
     "Status",
     "Timings",
     "WireError",
+    "WireReply",
+    "WireRequest",
+    "WireStage",
+    "WireTiming",
     "header_text",
     "new_request_id",
     "now_ms",

@@ -108,7 +108,7 @@ class Codec:
     def pack(self, obj: Any) -> bytes:
         data: bytes = msgpack.packb(obj, default=self._packer_default, use_bin_type=True)
         if len(data) > self.limits.max_message_bytes:
-            raise LimitExceeded(f"message of {len(data)} bytes is over the {self.limits.max_message_bytes}-byte limit")
+            raise self.limit_error(len(data))
         return data
 
     def unpack(self, data: bytes) -> Any:
@@ -141,10 +141,17 @@ class Codec:
             # msgpack raises ValueError for a declared length over a max_*_len and for
             # truncated data, TypeError for unhashable or non-string map keys.
             raise DecodeError(f"invalid msgpack: {exc}") from exc
+        self.check_nested(obj, lim.max_depth)
+        return obj
+
+    def check_nested(self, obj: Any, max_depth: int) -> None:
+        """What msgpack lets through that the wire format forbids (see :func:`_check_depth`), and depth."""
         if type(obj) is msgpack.Timestamp:
             raise DecodeError("unknown msgpack ext type -1 (timestamp); only ext type 1 (tensor) is allowed")
-        _check_depth(obj, lim.max_depth)
-        return obj
+        _check_depth(obj, max_depth)
+
+    def limit_error(self, size: int) -> LimitExceeded:
+        return LimitExceeded(f"message of {size} bytes is over the {self.limits.max_message_bytes}-byte limit")
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
         if code != TENSOR_EXT_CODE:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from ._models import ReplyTo, valid_request_id, valid_topic_name
 
@@ -35,6 +35,15 @@ REPLY_PARTITION_HEADER: Final = "streamer-reply-partition"
 Headers = Sequence[tuple[str, bytes | None]]
 
 
+class Route(Protocol):
+    """A reply route: a ``ReplyTo`` of the models, or the ``WireReply`` of the hot path's reader."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int | None: ...
+
+
 def header_text(headers: Headers | None, name: str) -> str | None:
     """The first ``name`` header as UTF-8 text; None when absent, null or not UTF-8."""
     for key, value in headers or ():
@@ -53,7 +62,7 @@ class RoutingHeaders:
     """Routing facts a client copies into Kafka record headers, readable even from undecodable bytes."""
 
     request_id: str | None
-    reply_to: ReplyTo | None
+    reply_to: Route | None
 
     def build(self) -> list[tuple[str, bytes]]:
         """Kafka headers for a request or stage message: the schema version and the routing facts."""

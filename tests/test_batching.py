@@ -9,50 +9,54 @@ import pytest
 from streamer.batching import BatchPolicy, BatchQueue
 
 
+def _flat(batch: list[tuple[int, list[int]]]) -> list[int]:
+    return [x for _, items in batch for x in items]
+
+
 async def test_a_full_batch_closes_at_once() -> None:
-    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=60_000))
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=60_000))
     for i in range(10):
-        q.put(i)
-    assert await q.next_batch() == [0, 1, 2, 3]
-    assert await q.next_batch() == [4, 5, 6, 7]
+        q.put(i, [i])
+    assert _flat(await q.next_batch()) == [0, 1, 2, 3]
+    assert _flat(await q.next_batch()) == [4, 5, 6, 7]
     assert len(q) == 2
 
 
 async def test_a_partial_batch_closes_after_max_wait() -> None:
-    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=100, max_wait_ms=20))
-    q.put(1)
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=100, max_wait_ms=20))
+    q.put(1, [1])
     task = asyncio.create_task(q.next_batch())
     await asyncio.sleep(0)
-    q.put(2)
-    assert await asyncio.wait_for(task, 5) == [1, 2]
+    q.put(2, [2])
+    assert _flat(await asyncio.wait_for(task, 5)) == [1, 2]
 
 
 async def test_items_arriving_during_the_wait_join_the_batch() -> None:
-    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=3, max_wait_ms=60_000))
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=3, max_wait_ms=60_000))
     task = asyncio.create_task(q.next_batch())
     for i in range(3):
         await asyncio.sleep(0.01)
-        q.put(i)
-    assert await asyncio.wait_for(task, 5) == [0, 1, 2]
+        q.put(i, [i])
+    assert _flat(await asyncio.wait_for(task, 5)) == [0, 1, 2]
 
 
 async def test_zero_wait_takes_what_is_there() -> None:
-    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=0))
-    q.put(1)
-    q.put(2)
-    assert await q.next_batch() == [1, 2]
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=0))
+    q.put(1, [1])
+    q.put(2, [2])
+    assert _flat(await q.next_batch()) == [1, 2]
 
 
 async def test_close_wakes_the_waiter_and_drop_filters() -> None:
-    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=60_000))
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=60_000))
     for i in range(6):
-        q.put(i)
+        q.put(i, [i])
     assert q.drop(lambda i: i % 2 == 0) == 3
     task = asyncio.create_task(q.next_batch())
     await asyncio.sleep(0.01)
     q.close()
-    assert await asyncio.wait_for(task, 5) == [0, 2, 4]
-    assert await q.next_batch() == []
+    assert _flat(await asyncio.wait_for(task, 5)) == [0, 2, 4]
+    assert _flat(await q.next_batch()) == []
 
 
 @pytest.mark.parametrize(("size", "wait"), [(0, 1), (1, -1)])
@@ -62,9 +66,9 @@ def test_policy_is_validated(size: int, wait: float) -> None:
 
 
 async def test_every_way_the_queue_shrinks_wakes_a_waiter_for_room() -> None:
-    q: BatchQueue[int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=0))
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=0))
     for i in range(8):
-        q.put(i)
+        q.put(i, [i])
     waiter = asyncio.create_task(q.wait_for_room(8))
     await asyncio.sleep(0)
     assert not waiter.done()
@@ -72,10 +76,23 @@ async def test_every_way_the_queue_shrinks_wakes_a_waiter_for_room() -> None:
     await asyncio.wait_for(waiter, 1)
     waiter = asyncio.create_task(q.wait_for_room(4))
     await asyncio.sleep(0)
-    assert await q.next_batch() == [0, 2, 4, 6]  # taking a batch
+    assert _flat(await q.next_batch()) == [0, 2, 4, 6]  # taking a batch
     await asyncio.wait_for(waiter, 1)
-    q.put(1)
+    q.put(1, [1])
     waiter = asyncio.create_task(q.wait_for_room(1))
     await asyncio.sleep(0)
     q.close()  # closing
     await asyncio.wait_for(waiter, 1)
+
+
+async def test_runs_are_split_to_fit_a_batch_and_keep_their_key() -> None:
+    q: BatchQueue[str, int] = BatchQueue(BatchPolicy(max_batch_size=4, max_wait_ms=0))
+    q.put("a", [1, 2, 3])
+    q.put("b", [4, 5, 6])
+    assert await q.next_batch() == [("a", [1, 2, 3]), ("b", [4])]
+    assert len(q) == 2
+    assert await q.next_batch() == [("b", [5, 6])]
+    q.put("a", [7])
+    q.put("b", [8, 9])
+    assert q.drop(lambda key: key != "b") == 2
+    assert await q.next_batch() == [("a", [7])]

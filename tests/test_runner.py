@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
+from consumers._batch import Batch, Route, Run
 from consumers._inference import BatchRunner
-from consumers._items import Item, Route
 from schemas import Codec, InferenceRequest, ReplyTo
 from streamer.models import TinyMLP
 
@@ -29,13 +30,19 @@ class Recording(TinyMLP):
         return super().forward(batch)
 
 
-def _batch(n: int, start: int = 0) -> list[Item]:
+def _batch(n: int, start: int = 0) -> Batch:
     codec = Codec()
     reply = ReplyTo(topic="results")
-    return [Item(TopicPartition("requests", 0), start + i, None,
-                 codec.encode_request(InferenceRequest(id=f"r{start + i}", model="tiny-mlp", inputs=[0.5] * 16,
-                                                       reply_to=reply)), [], time.monotonic(), 0)
-            for i in range(n)]
+    records = []
+    for i in range(n):
+        value = codec.encode_request(InferenceRequest(id=f"r{start + i}", model="tiny-mlp", inputs=[0.5] * 16,
+                                                      reply_to=reply))
+        records.append(ConsumerRecord("requests", 0, start + i, 0, 0, None, value, None, 0, len(value), ()))
+    return Batch([Run(TopicPartition("requests", 0), 0, time.monotonic(), records)])
+
+
+def codec_ok(value: bytes | None) -> bool:
+    return value is not None and Codec().decode_result(value).status == "ok"
 
 
 async def test_a_model_cheaper_than_a_thread_hop_runs_on_the_event_loop() -> None:
@@ -45,8 +52,10 @@ async def test_a_model_cheaper_than_a_thread_hop_runs_on_the_event_loop() -> Non
     model.threads.clear()
     try:
         for k in range(8):
-            outcomes = await runner.run(_batch(8, 8 * k))
-            assert [o.result.status for o in outcomes if o.result] == ["ok"] * 8
+            batch = _batch(8, 8 * k)
+            await runner.run(batch)
+            assert batch.status == ["ok"] * 8
+            assert all(codec_ok(v) for v in batch.values)
     finally:
         runner.close()
     # Measured on 2 items, a batch of 8 may first be thought too long; once measured, it runs here.

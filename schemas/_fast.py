@@ -1,0 +1,202 @@
+"""The hot path's codec: requests and stage messages decoded without a pydantic model, results and
+stage messages encoded from precomputed bytes. The same wire format as the models in ``_models``.
+
+Decoding: ``msgspec`` reads the message envelope (ids, names, route, times) into a Struct in C, with
+the model's constraints; ``inputs``/``payload`` are kept as raw msgpack and read by :meth:`Codec.unpack`
+with every limit. The fast reader accepts only messages whose shape is unambiguous (no unknown fields,
+exact types, short metadata); everything else is decided by the pydantic models, which remain the
+reference. So the two always agree: what the fast reader accepts, the models accept with the same
+values (``tests/test_fast_codec.py`` checks it with hypothesis), and every error comes from the models.
+
+Encoding: an ``ok`` result is the same bytes as ``Codec.encode_result`` of the equivalent
+:class:`InferenceResult`, built from the parts that are the same for the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgpack
+import msgspec
+
+from ._codec import Codec
+from ._errors import WireError
+from ._models import MAX_ID_CHARS, MAX_NAME_CHARS, now_ms
+
+__all__ = ["FastReader", "ResultWriter", "WireRequest", "WireStage", "WireTiming"]
+
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+_Key = Annotated[str, msgspec.Meta(max_length=1024)]
+_Ms = Annotated[int, msgspec.Meta(ge=0)]
+_NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+# What the fast path takes is kept within the codec's limits whatever they are set to (see FAST_LIMITS):
+# metadata of a few short entries, a short trail. Anything larger goes to the models, which apply the limits.
+_MetaStr = Annotated[str, msgspec.Meta(max_length=256)]
+_Metadata = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)], _MetaStr | int | float | bool | None],
+                      msgspec.Meta(max_length=16)]
+FAST_LIMITS = {"max_str_bytes": 4 * 1024, "max_container_len": 16, "max_depth": 3}
+"""The fast reader is used only under limits at least these (the envelope's longest string, a request's
+``key``, is 1,024 characters, at most 4 KiB; its deepest part, a trail's entry, is at depth 3)."""
+
+
+class WireReply(msgspec.Struct, forbid_unknown_fields=True):
+    topic: _Name
+    partition: _Ms | None = None
+
+
+class WireRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A client request's envelope as the worker reads it; the inputs are read apart (see :class:`FastReader`)."""
+
+    id: _Id
+    model: _Name
+    inputs: msgspec.Raw
+    key: _Key | None = None
+    reply_to: WireReply | None = None
+    deadline_ms: _Ms | None = None
+    created_ms: _Ms | None = None
+    metadata: _Metadata | None = None
+
+
+class WireTiming(msgspec.Struct, forbid_unknown_fields=True, array_like=False):
+    stage: str
+    worker: str
+    queue_ms: _NonNeg
+    batch_size: _Ms
+    inference_ms: _NonNeg
+    done_ms: _Ms
+
+
+class WireStage(msgspec.Struct, forbid_unknown_fields=True):
+    """A message between pipeline stages, its payload read apart (see :class:`FastReader`)."""
+
+    id: _Id
+    model: _Name
+    stage: _Name
+    payload: msgspec.Raw
+    created_ms: _Ms
+    key: _Key | None = None
+    reply_to: WireReply | None = None
+    deadline_ms: _Ms | None = None
+    metadata: _Metadata | None = None
+    trail: Annotated[list[WireTiming], msgspec.Meta(max_length=16)] | None = None
+
+
+_NIL = msgspec.Raw(b"\xc0")
+
+
+class FastReader:
+    """Reads requests and stage messages to Structs: msgspec where it can, the models where it cannot."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._request = msgspec.msgpack.Decoder(WireRequest)
+        self._stage = msgspec.msgpack.Decoder(WireStage)
+        lim = codec.limits
+        self.enabled = all(getattr(lim, name) >= least for name, least in FAST_LIMITS.items())
+        self._inner = dict(raw=False, strict_map_key=True, ext_hook=codec._ext_hook, max_str_len=lim.max_str_bytes,
+                           max_bin_len=lim.max_message_bytes, max_ext_len=lim.max_message_bytes,
+                           max_array_len=lim.max_container_len, max_map_len=lim.max_container_len)
+
+    def request(self, data: bytes) -> tuple[WireRequest, Any]:
+        """The request in ``data`` and its inputs; raises the models' :class:`WireError` for what they refuse."""
+        if self.enabled and len(data) <= self.codec.limits.max_message_bytes:
+            try:
+                msg = self._request.decode(data)
+                inputs = self._value(msg.inputs)
+                if msg.created_ms is None:
+                    msg.created_ms = now_ms()
+                return msg, inputs
+            except (msgspec.MsgspecError, WireError, ValueError, TypeError):
+                pass  # the models decide, and say why
+        m = self.codec.decode_request(data)
+        return WireRequest(id=m.id, model=m.model, inputs=_NIL, key=m.key, reply_to=_reply(m.reply_to),
+                           deadline_ms=m.deadline_ms, created_ms=m.created_ms, metadata=dict(m.metadata)), m.inputs
+
+    def stage(self, data: bytes) -> tuple[WireStage, Any]:
+        """The stage message in ``data`` and its payload; raises the models' :class:`WireError` for what they
+        refuse."""
+        if self.enabled and len(data) <= self.codec.limits.max_message_bytes:
+            try:
+                msg = self._stage.decode(data)
+                return msg, self._value(msg.payload)
+            except (msgspec.MsgspecError, WireError, ValueError, TypeError):
+                pass
+        m = self.codec.decode_stage(data)
+        trail = [WireTiming(stage=t.stage, worker=t.worker, queue_ms=t.queue_ms, batch_size=t.batch_size,
+                            inference_ms=t.inference_ms, done_ms=t.done_ms) for t in m.trail]
+        return WireStage(id=m.id, model=m.model, stage=m.stage, payload=_NIL, created_ms=m.created_ms, key=m.key,
+                         reply_to=_reply(m.reply_to), deadline_ms=m.deadline_ms, metadata=dict(m.metadata),
+                         trail=trail), m.payload
+
+    def _value(self, raw: msgspec.Raw) -> Any:
+        """The inputs or payload, read with every limit of :meth:`Codec.unpack` but one level down."""
+        obj = msgpack.unpackb(raw, **self._inner)
+        if isinstance(obj, (dict, list)) or type(obj) is msgpack.Timestamp:
+            self.codec.check_nested(obj, self.codec.limits.max_depth - 1)
+        return obj
+
+
+def _reply(r: Any) -> WireReply | None:
+    return None if r is None else WireReply(topic=r.topic, partition=r.partition)
+
+
+def _timing_map(t: WireTiming) -> dict[str, Any]:
+    return {"stage": t.stage, "worker": t.worker, "queue_ms": t.queue_ms, "batch_size": t.batch_size,
+            "inference_ms": t.inference_ms, "done_ms": t.done_ms}
+
+
+class ResultWriter:
+    """Encodes a batch's ``ok`` results and forwarded stage messages: the same bytes as the models'
+    encoding (``Codec.encode_result``, ``Codec.encode``), with what is the same for the batch packed once."""
+
+    def __init__(self, codec: Codec, model: str, model_version: str, worker: str) -> None:
+        self.codec = codec
+        p = msgpack.Packer(default=codec._packer_default, use_bin_type=True)
+        self._pack = p.pack
+        self._model_part = p.pack("model") + p.pack(model) + p.pack("model_version") + p.pack(model_version)
+        self._worker_part = p.pack("worker") + p.pack(worker)
+        self._max = codec.limits.max_message_bytes
+
+    def results(self, ids: Sequence[str], outputs: Sequence[Any], timings: Sequence[tuple[float, int, float]],
+                trails: Sequence[list[WireTiming] | None] | None = None) -> list[bytes | Exception]:
+        """One ``ok`` result per item (with ``stages`` when ``trails`` is given); an item whose output cannot be
+        encoded gets the exception instead. ``timings``: (queue_ms, batch_size, inference_ms) per item."""
+        pack = self._pack
+        head = bytes([0x80 | (9 if trails is not None else 8)]) + pack("id")
+        middle = self._model_part + pack("status") + pack("ok") + pack("outputs")
+        tail = self._worker_part + pack("created_ms") + pack(now_ms())
+        timing_key = pack("timings")
+        cache: dict[tuple[float, int, float], bytes] = {}
+        out: list[bytes | Exception] = []
+        for i, (rid, output, t) in enumerate(zip(ids, outputs, timings, strict=True)):
+            tb = cache.get(t)
+            if tb is None:
+                tb = cache[t] = timing_key + pack({"queue_ms": t[0], "batch_size": t[1], "inference_ms": t[2]})
+            try:
+                body = pack(output)
+            except (TypeError, ValueError, OverflowError) as exc:
+                out.append(exc)
+                continue
+            stages = b""
+            if trails is not None:
+                trail = trails[i]
+                stages = pack("stages") + pack(None if trail is None else [_timing_map(x) for x in trail])
+            value = b"".join((head, pack(rid), middle, body, tb, stages, tail))
+            out.append(value if len(value) <= self._max else self.codec.limit_error(len(value)))
+        return out
+
+    def forward(self, msg: WireRequest | WireStage, stage: str, payload: Any, trail: list[WireTiming]) -> bytes:
+        """``msg`` for ``stage`` with ``payload`` and ``trail``: the bytes of ``Codec.encode(StageMessage(...))``."""
+        data: dict[str, Any] = {"id": msg.id, "model": msg.model, "stage": stage, "payload": payload}
+        if msg.key is not None:
+            data["key"] = msg.key
+        if msg.reply_to is not None:
+            data["reply_to"] = {"topic": msg.reply_to.topic, "partition": msg.reply_to.partition}
+        if msg.deadline_ms is not None:
+            data["deadline_ms"] = msg.deadline_ms
+        data["created_ms"] = msg.created_ms
+        data["metadata"] = msg.metadata or {}
+        data["trail"] = [_timing_map(x) for x in trail]
+        return self.codec.pack(data)
