@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -57,52 +58,109 @@ def machine() -> str:
 
 
 class Run:
-    """One variant on fresh topics: the serving process, a publisher and a result reader."""
+    """One variant on fresh topics: the serving process (two for a ``-hop`` variant: a two-stage pipeline,
+    stand-in ``hop16`` then the model), a publisher and a result reader."""
 
-    def __init__(self, variant: str, bootstrap: str) -> None:
+    def __init__(self, variant: str, bootstrap: str, model: str = "tiny-mlp") -> None:
         tag = uuid.uuid4().hex[:8]
-        self.variant = variant
+        self.tag = tag
+        self.hop = variant.endswith("-hop")
+        self.variant = variant.removesuffix("-hop")
+        self.model_spec = model
         self.settings = WorkerSettings(bootstrap_servers=bootstrap, request_topic=f"b-{tag}.req",
                                        results_topic=f"b-{tag}.res", dead_letter_topic=f"b-{tag}.dlq",
-                                       group_id=f"bg-{tag}", max_batch_size=BATCH,
+                                       group_id=f"bg-{tag}", max_batch_size=BATCH, model=model,
+                                       delivery="exactly-once" if variant.startswith("streamer-eos")
+                                       else "at-least-once",
                                        max_wait_ms=0.0 if variant == "streamer-nowait" else WAIT_MS)
-        self.proc: asyncio.subprocess.Process | None = None
+        self.procs: list[asyncio.subprocess.Process] = []
         self.codec = Codec()
-        self.inputs = load_model("tiny-mlp", "cpu").example_inputs(256, seed=1)
+        m = load_model(model, "cpu")  # tiny-mlp's inputs serve the stand-ins too
+        self.model_name = f"hop{tag}" if self.hop else m.name
+        self.inputs = m.example_inputs(256, seed=1)
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        return self.procs[0] if self.procs else None
+
+    def _commands(self) -> list[tuple[list[str], str]]:
+        """(command, consumer group) of each serving process."""
+        s, py, bench = self.settings, sys.executable, ROOT / "bench"
+        if self.variant in ("floor", "faststream"):
+            script = str(bench / ("floor_loop.py" if self.variant == "floor" else "faststream_loop.py"))
+            if not self.hop:
+                return [([py, script, s.bootstrap_servers, s.request_topic, s.group_id, str(BATCH), self.model_spec],
+                         s.group_id)]
+            mid = f"b-{self.tag}.mid"
+            return [([py, script, s.bootstrap_servers, s.request_topic, s.group_id, str(BATCH),
+                      "bench.standins:hop16", mid], s.group_id),
+                    ([py, script, s.bootstrap_servers, mid, f"{s.group_id}.2", str(BATCH), self.model_spec],
+                     f"{s.group_id}.2")]
+        if self.variant.startswith("streamer"):
+            if not self.hop:
+                return [([py, "-m", "streamer", "--log-level", "WARNING", "worker"], s.group_id)]
+            spec = Path(tempfile.gettempdir()) / f"streamer-bench-{self.tag}.toml"
+            spec.write_text(f"""name = "{self.model_name}"
+request_topic = "{s.request_topic}"
+
+[[stages]]
+name = "first"
+callable = "bench.standins:hop16"
+group_id = "{s.group_id}"
+dead_letter_topic = "{s.dead_letter_topic}"
+max_batch_size = {BATCH}
+max_wait_ms = {WAIT_MS}
+
+[[stages]]
+name = "second"
+callable = "{self.model_spec}"
+input_topic = "b-{self.tag}.mid"
+group_id = "{s.group_id}.2"
+dead_letter_topic = "{s.dead_letter_topic}"
+max_batch_size = {BATCH}
+max_wait_ms = {WAIT_MS}
+""")
+            return [([py, "-m", "streamer", "--log-level", "WARNING", "stage", str(spec), "--stage", stage], group)
+                    for stage, group in (("first", s.group_id), ("second", f"{s.group_id}.2"))]
+        return [([py, str(bench / "naive_loop.py"), s.bootstrap_servers, s.request_topic, s.group_id], s.group_id)]
 
     async def start(self) -> None:
         s = self.settings
-        await kafka.ensure_topics(s, [kafka.TopicSpec(s.request_topic, PARTITIONS),
-                                      kafka.TopicSpec(s.results_topic, PARTITIONS),
-                                      kafka.TopicSpec(s.dead_letter_topic, 1)])
+        topics = [kafka.TopicSpec(s.request_topic, PARTITIONS), kafka.TopicSpec(s.results_topic, PARTITIONS),
+                  kafka.TopicSpec(s.dead_letter_topic, 1)]
+        if self.hop:
+            topics.append(kafka.TopicSpec(f"b-{self.tag}.mid", PARTITIONS))
+        await kafka.ensure_topics(s, topics)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if self.variant.startswith("streamer"):
             env.update(settings_env(s))
-            if self.variant.endswith("-1t"):
-                env["STREAMER_TORCH_THREADS"] = "1"
-            cmd = [sys.executable, "-m", "streamer", "--log-level", "WARNING", "worker"]
-        elif self.variant == "floor":
-            cmd = [sys.executable, str(ROOT / "bench" / "floor_loop.py"), s.bootstrap_servers, s.request_topic,
-                   s.group_id, str(BATCH)]
-        else:
-            cmd = [sys.executable, str(ROOT / "bench" / "naive_loop.py"), s.bootstrap_servers, s.request_topic,
-                   s.group_id]
-        self.proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                         stderr=asyncio.subprocess.DEVNULL)
-        await kafka.wait_for_group(s, s.group_id, 1, timeout_s=120)
+            if self.variant.endswith("-1t") or self.hop:
+                env["STREAMER_TORCH_THREADS"] = "1"  # two processes share the cores
+            if self.hop:
+                for name in ("REQUEST_TOPIC", "DEAD_LETTER_TOPIC", "GROUP_ID", "MODEL"):
+                    env.pop(f"STREAMER_{name}", None)  # the spec names these
+        for cmd, group in self._commands():
+            self.procs.append(await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.DEVNULL,
+                                                                   stderr=asyncio.subprocess.DEVNULL))
+            await kafka.wait_for_group(s, group, 1, timeout_s=120)
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(p.pid) for p in self.procs)
 
     def _request(self, i: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-        req = InferenceRequest(id=f"{i:08d}-{uuid.uuid4().hex[:16]}", model="tiny-mlp", inputs=self.inputs[i % 256],
-                               key=f"key-{i % 64}", reply_to=ReplyTo(topic=self.settings.results_topic),
+        req = InferenceRequest(id=f"{i:08d}-{uuid.uuid4().hex[:16]}", model=self.model_name,
+                               inputs=self.inputs[i % 256], key=f"key-{i % 64}",
+                               reply_to=ReplyTo(topic=self.settings.results_topic),
                                metadata={"pad": "x" * 8})
         return self.codec.encode_request(req), req.key.encode(), request_headers(req)  # type: ignore[union-attr]
 
@@ -115,8 +173,7 @@ class Run:
         await consumer.start()
         sent: dict[str, float] = {}
         latencies: list[float] = []
-        assert self.proc is not None
-        cpu0 = _cpu_seconds(self.proc.pid)
+        cpu0 = self.cpu_seconds()
         t0 = time.perf_counter()
 
         async def publish() -> None:
@@ -145,15 +202,15 @@ class Run:
             await pub
         finally:
             elapsed = time.perf_counter() - t0
-            cpu = _cpu_seconds(self.proc.pid) - cpu0
+            cpu = self.cpu_seconds() - cpu0
             await producer.stop()
             await consumer.stop()
         return {"requests": n, "seconds": elapsed, "throughput": n / elapsed, "cpu_s_per_request": cpu / n,
                 "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
 
 
-async def one(variant: str, bootstrap: str, n: int, rate: float | None) -> dict[str, Any]:
-    run = Run(variant, bootstrap)
+async def one(variant: str, bootstrap: str, n: int, rate: float | None, model: str = "tiny-mlp") -> dict[str, Any]:
+    run = Run(variant, bootstrap, model)
     await run.start()
     try:
         return await run.drive(n, rate)

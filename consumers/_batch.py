@@ -72,20 +72,8 @@ class Batch:
     """The records of a batch and, per record (by index): its decoded message, the encoded record to send
     (a result or a forwarded stage message) with its destination, its status, and its dead letter."""
 
-    __slots__ = (
-        "created",
-        "dead",
-        "dest_partition",
-        "dest_topic",
-        "ids",
-        "messages",
-        "records",
-        "run_of",
-        "runs",
-        "stats",
-        "status",
-        "values",
-    )
+    __slots__ = ("answers", "created", "dead", "dest_partition", "dest_topic", "ids", "inputs", "messages",
+                 "records", "run_of", "runnable", "runs", "started", "stats", "status", "values")
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs
@@ -104,6 +92,12 @@ class Batch:
         self.created: list[int | None] = [None] * n  # the request's created_ms, for latency
         self.dead: dict[int, DeadLetter] = {}
         self.stats = BatchStats(size=n)
+        # Between the runner's steps (check, infer, finish): the items that go to the model and their inputs,
+        # what it answered for each, and when the batch was taken (for queue waits).
+        self.runnable: list[int] = []
+        self.inputs: list[Any] = []
+        self.answers: list[Any] | None = None
+        self.started = 0.0
 
     def __len__(self) -> int:
         return len(self.records)

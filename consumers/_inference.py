@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,6 @@ class BatchRunner:
         # Moving means of the model's time per batch and of the batch size it was measured at.
         self._batch_ms = math.inf
         self._batch_n = 1.0
-        self._passes = [0, 0]  # forward passes, extra ones from bisection: counted on the model's thread
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -109,7 +109,6 @@ class BatchRunner:
             inputs = [self.model.validate(x) for x in self.model.example_inputs(2)]
             self.model.run(inputs)
             self._measured(self._timed(inputs)[1] * 1000, len(inputs))
-        self._passes = [0, 0]
 
     def measure_capacity(self, batch_size: int, repeats: int = 3) -> float | None:
         """Items/s of the model at ``batch_size`` on its example inputs (best of ``repeats``); None if it has none."""
@@ -126,22 +125,51 @@ class BatchRunner:
 
     async def run(self, batch: Batch) -> None:
         """Decide every record of ``batch``: its encoded result or stage message, or its dead letter."""
-        start = time.monotonic()
-        runnable, inputs = self._check(batch)
-        if not runnable:
-            return
-        if self._estimate_ms(len(inputs)) < INLINE_BELOW_MS:
+        self.check(batch)
+        await self.infer(batch)
+        self.finish(batch)
+
+    def check(self, batch: Batch) -> None:
+        """Decode and check each record: the items that go to the model, with their inputs, are noted in the
+        batch (``runnable``, ``inputs``); the others are decided already."""
+        batch.started = time.monotonic()
+        batch.runnable, batch.inputs = self._check(batch)
+
+    async def infer(self, batch: Batch) -> None:
+        """The model on the batch's runnable items (see :meth:`infer_soon`)."""
+        await self.infer_soon(batch)
+
+    def infer_soon(self, batch: Batch) -> Awaitable[None]:
+        """Start the model on the batch's runnable items: on the model thread at once (the loop meanwhile
+        publishes the previous batch and decodes the next), or, when cheaper than a thread hop, on the event
+        loop when the result is awaited."""
+        inputs = batch.inputs
+        if inputs and self._estimate_ms(len(inputs)) >= INLINE_BELOW_MS:
+            return self._answered(batch, asyncio.get_running_loop().run_in_executor(self._executor, self._timed,
+                                                                                    inputs))
+        return self._inline(batch)
+
+    async def _inline(self, batch: Batch) -> None:
+        if batch.inputs:
             # Cheaper than handing it to the model thread (a thread hop costs more than a tiny model):
             # run it here; a model that turns out slower goes back to its thread from the next batch on.
-            answers, model_s = self._timed(inputs)
-        else:
-            answers, model_s = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, inputs)
-        self._measured(model_s * 1000, len(inputs))
+            self._answer(batch, *self._timed(batch.inputs))
+
+    async def _answered(self, batch: Batch, running: Awaitable[tuple[list[Any], float, tuple[int, int]]]) -> None:
+        self._answer(batch, *await running)
+
+    def _answer(self, batch: Batch, answers: list[Any], model_s: float, passes: tuple[int, int]) -> None:
+        self._measured(model_s * 1000, len(batch.inputs))
         st = batch.stats
-        st.runnable, st.inference_s = len(runnable), model_s
-        st.forward_passes, st.extra_forward_passes = self._passes
-        self._passes = [0, 0]
-        self._finish(batch, runnable, answers, start, model_s)
+        st.runnable, st.inference_s = len(batch.inputs), model_s
+        st.forward_passes, st.extra_forward_passes = passes
+        batch.answers = answers
+
+    def finish(self, batch: Batch) -> None:
+        """Encode what the model answered into the records to send (on the loop, off the model's path)."""
+        if batch.answers is not None:
+            self._finish(batch, batch.runnable, batch.answers, batch.started, batch.stats.inference_s)
+            batch.answers = None
 
     # -- decode and check, on the loop ------------------------------------------------------------------
     def _check(self, batch: Batch) -> tuple[list[int], list[Any]]:
@@ -300,22 +328,24 @@ class BatchRunner:
             self._batch_n = 0.8 * self._batch_n + 0.2 * n
 
     # -- on the model thread (or inline, for a cheap model) ------------------------------------------
-    def _timed(self, inputs: list[Any]) -> tuple[list[Any], float]:
+    def _timed(self, inputs: list[Any]) -> tuple[list[Any], float, tuple[int, int]]:
+        """Outputs (or the exception) per item, seconds taken, and (forward passes, extra ones from bisection)."""
         t0 = time.perf_counter()
-        answers = self._run_bisect(inputs)
-        return answers, time.perf_counter() - t0
+        passes = [0, 0]
+        answers = self._run_bisect(inputs, passes)
+        return answers, time.perf_counter() - t0, (passes[0], passes[1])
 
-    def _run_bisect(self, inputs: list[Any]) -> list[Any]:
+    def _run_bisect(self, inputs: list[Any], passes: list[int]) -> list[Any]:
         """Outputs per item, or the exception for the items the model cannot run."""
-        self._passes[0] += 1
+        passes[0] += 1
         try:
             return self.model.run(inputs)
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated by bisection
             if len(inputs) == 1:
                 return [exc]
         mid = len(inputs) // 2
-        self._passes[1] += 2
-        return self._run_bisect(inputs[:mid]) + self._run_bisect(inputs[mid:])
+        passes[1] += 2
+        return self._run_bisect(inputs[:mid], passes) + self._run_bisect(inputs[mid:], passes)
 
 
 def _trail(msg: WireRequest | WireStage | None) -> list[WireTiming]:

@@ -1,30 +1,44 @@
-"""Exactly-once delivery: results and consumed offsets in one Kafka transaction per input partition.
+"""Exactly-once delivery: results and consumed offsets in Kafka transactions, one per input partition.
 
 aiokafka's transactions lack consumer-group fencing (KIP-447), so zombies are fenced the older
 way: one transactional producer per input partition, with ``transactional.id`` =
 ``<group>.<topic>.<partition>``. Whoever owns the partition next starts a producer with the same
 id; the broker then bumps the epoch, aborts the old owner's open transaction and refuses its
-later commits (``ProducerFenced``). After an error whose outcome is unknown (a commit timeout),
-the producer is discarded: its replacement's start aborts the transaction, and the worker seeks
-back to the batch's first offset instead of guessing.
+later commits (``ProducerFenced``).
+
+A transaction spans a window of batches (like Kafka Streams' ``commit.interval.ms``): it stays
+open while the next batch is already at hand, for at most ``transaction_ms``, and is committed at
+once when the worker has nothing more to do, so light load keeps its latency and saturation does
+not pay a commit per batch. After an error whose outcome is unknown (a commit timeout), the
+producer is discarded: its replacement's start aborts the transaction, and the worker goes back
+to the window's first offset instead of guessing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from streamer import kafka
 from streamer.config import WorkerSettings
 
-__all__ = ["TransactionalProducers"]
+from ._batch import Batch
+from ._outbox import Delivery, Outbox
+
+__all__ = ["TransactionWindows"]
 
 log = logging.getLogger("streamer.worker")
 
 
 class TransactionalProducers:
+    """One transactional producer per input partition, started (which fences the previous owner's) when needed."""
+
     def __init__(self, settings: WorkerSettings, worker: str) -> None:
         self.settings = settings
         self.worker = worker
@@ -56,9 +70,118 @@ class TransactionalProducers:
             except Exception as exc:  # noqa: BLE001 - it is being thrown away
                 log.warning("closing the producer of %s failed: %r", tp, exc)
 
-    async def release(self, tps: set[TopicPartition]) -> None:
-        for tp in tps:
+    async def close(self) -> None:
+        for tp in list(self._producers):
             await self.discard(tp)
 
+
+@dataclass(slots=True)
+class _Window:
+    producer: AIOKafkaProducer
+    first: int  # the first offset the transaction covers: where a redo starts
+    last: int
+    opened: float  # time.monotonic()
+    sent: list[Delivery] = field(default_factory=list)
+    broken: bool = False  # a publish into it was interrupted: it may hold records past ``last``; never commit it
+
+
+class TransactionWindows:
+    """The open transaction of each input partition, from its first batch to its commit.
+
+    ``redo(tp, offset)`` is the worker's: forget what it holds of ``tp`` and read it again from
+    ``offset`` (None: the partition was fenced, a newer owner has it).
+    """
+
+    def __init__(self, settings: WorkerSettings, worker: str, outbox: Outbox,
+                 redo: Callable[[TopicPartition, int | None], None]) -> None:
+        self.settings = settings
+        self.producers = TransactionalProducers(settings, worker)
+        self.outbox = outbox
+        self.redo = redo
+        self.fenced: set[TopicPartition] = set()  # partitions a newer owner took from us
+        self._open: dict[TopicPartition, _Window] = {}
+        self._span_s = settings.transaction_ms / 1000
+        self.committed = 0  # transactions committed
+
+    async def publish(self, batch: Batch, current_epoch: Callable[[TopicPartition], int]) -> None:
+        """Send each partition's outputs in its open transaction (opened here if none is)."""
+        by_tp: dict[TopicPartition, list[int]] = {}
+        for i in range(len(batch)):
+            by_tp.setdefault(batch.tp(i), []).append(i)
+        epochs = {run.tp: run.epoch for run in batch.runs}
+        for tp, idx in by_tp.items():
+            if epochs[tp] != current_epoch(tp) or tp in self.fenced:
+                continue  # revoked, fenced or redone since it was fetched: whoever reads it next does it
+            first, last = batch.records[idx[0]].offset, batch.records[idx[-1]].offset
+            w = self._open.get(tp)
+            try:
+                if w is None:
+                    producer = await self.producers.get(tp)
+                    await producer.begin_transaction()
+                    w = self._open[tp] = _Window(producer, first, last, time.monotonic())
+                try:
+                    w.sent += await self.outbox.publish(batch, w.producer, idx)
+                except BaseException:
+                    w.broken = True
+                    raise
+                w.last = last
+            except KafkaError as exc:
+                await self._failed(tp, w.first if w is not None else first, exc)
+
+    def due(self) -> bool:
+        """Whether a transaction has been open for ``transaction_ms``."""
+        now = time.monotonic()
+        return any(now - w.opened >= self._span_s for w in self._open.values())
+
+    async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the open transactions (of ``tps``, default all): their records, then their offsets."""
+        for tp in list(self._open if tps is None else tps):
+            w = self._open.pop(tp, None)
+            if w is None:
+                continue
+            if w.broken:
+                await self._failed(tp, w.first, KafkaError("a publish into the transaction was interrupted"))
+                continue
+            try:
+                await self._delivered(w.sent, w.producer)
+                await w.producer.send_offsets_to_transaction({tp: w.last + 1}, self.settings.group_id)
+                await w.producer.commit_transaction()
+                self.committed += 1
+            except KafkaError as exc:
+                self._open[tp] = w
+                await self._failed(tp, w.first, exc)
+
+    async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
+        """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
+        is gone, say) and the transaction aborts: it is redone from its start, and this time the record's
+        outcome is its dead letter."""
+        answers = await asyncio.gather(*(d.future for d in sent), return_exceptions=True)
+        for delivery, answer in zip(sent, answers, strict=True):
+            if isinstance(answer, Exception):
+                await self.outbox.learn(delivery, answer, producer)
+                raise answer
+
+    async def _failed(self, tp: TopicPartition, first: int, exc: KafkaError) -> None:
+        self._open.pop(tp, None)
+        await self.producers.discard(tp)  # its replacement's start aborts the open transaction
+        if isinstance(exc, ProducerFenced):
+            # A newer owner of the partition started its producer: we are a zombie for this one. Never start a
+            # producer for it again until the group assigns it to us anew: that would fence the rightful owner.
+            log.warning("%s: fenced by a newer owner; dropping its queued records", tp)
+            self.fenced.add(tp)
+            self.redo(tp, None)
+        else:
+            # Unknown outcome: never guess. Redo the whole window from its start.
+            log.warning("%s: transaction failed (%r); aborting it and redoing from offset %d", tp, exc, first)
+            self.redo(tp, first)
+
+    async def release(self, tps: Iterable[TopicPartition]) -> None:
+        """Partitions taken from us: commit what is open for them, then close their producers."""
+        tps = list(tps)
+        await self.commit([tp for tp in tps if tp in self._open])
+        for tp in tps:
+            await self.producers.discard(tp)
+
     async def close(self) -> None:
-        await self.release(set(self._producers))
+        await self.commit()
+        await self.producers.close()

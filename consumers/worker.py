@@ -19,8 +19,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas import Codec, Limits
 from streamer import kafka
@@ -33,9 +33,9 @@ from streamer.models import Model, load_model
 from ._batch import Batch, Route, Run
 from ._commit import ConsumerCommitter, OrderedCommits
 from ._inference import BatchRunner, RunStats
-from ._outbox import Delivery, Outbox
+from ._outbox import Outbox
 from ._telemetry import Telemetry
-from ._transactions import TransactionalProducers
+from ._transactions import TransactionWindows
 
 __all__ = ["Worker"]
 
@@ -84,11 +84,13 @@ class Worker:
         self._queue: BatchQueue[tuple[TopicPartition, int, float], Any] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
-        self._fenced: set[TopicPartition] = set()  # exactly-once: partitions a newer owner took from us
         self._paused = False
         self._stopping = asyncio.Event()
-        self._idle = asyncio.Event()  # set while no batch is being processed
-        self._idle.set()
+        # Batches taken from the queue, and finished (published, or left when stopping): in order, as the
+        # pipeline is. A revoke waits for every batch taken before it to finish.
+        self._taken = self._finished = 0
+        self._progress = asyncio.Event()
+        self._busy_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
         self._measured: float | None = None  # items/s of model time (for the assignor)
@@ -111,7 +113,8 @@ class Worker:
                                         request_timeout_ms=settings.produce_timeout_ms)
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp],
                                        lambda d, exc: self.outbox.settle(d, exc, self._producer))
-        self._txn = TransactionalProducers(settings, self.name) if settings.delivery == "exactly-once" else None
+        self._txn = (TransactionWindows(settings, self.name, self.outbox, self._redo)
+                     if settings.delivery == "exactly-once" else None)
 
     def _scaling_capacity(self) -> float:
         """Items/s this worker sustains when busy: measured wall time, else the model-time figure."""
@@ -264,12 +267,17 @@ class Worker:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._revoking = set()
-        self._fenced -= assigned
+        if self._txn is not None:
+            self._txn.fenced -= assigned
         self._paused = False
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
     async def _drain(self) -> None:
-        await self._idle.wait()
+        """Wait until every batch taken so far is published, and its offsets committed."""
+        target = self._taken
+        while self._finished < target:
+            self._progress.clear()
+            await self._progress.wait()
         await self._commits.drain()
 
     # -- background tasks ----------------------------------------------------------------------------------
@@ -299,7 +307,7 @@ class Worker:
             now = time.monotonic()
             owned = consumer.assignment()
             for tp, records in batches.items():
-                if tp not in owned or tp in self._revoking or tp in self._fenced:
+                if tp not in owned or tp in self._revoking or (self._txn is not None and tp in self._txn.fenced):
                     continue
                 self.telemetry.fetched(len(records))
                 self._queue.put((tp, self._epochs[tp], now), records)
@@ -322,72 +330,81 @@ class Worker:
             await self._consumer.getmany(timeout_ms=0)  # paused: returns nothing, resets the poll timer
 
     async def _process_loop(self) -> None:
+        """The model on batch N while batch N-1 is published and batch N+1 decoded (at most one decoded batch
+        waits). A batch is published as soon as its model ran when no next batch is at hand."""
+        ready: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
+        decoder = asyncio.create_task(self._decode_loop(ready), name="streamer-decode")
+        done: Batch | None = None  # its model ran; not published yet
+        running: asyncio.Future[None] | None = None
+        try:
+            while True:
+                nxt = await ready.get() if done is None else (ready.get_nowait() if not ready.empty() else _NOTHING)
+                if nxt is None or (nxt is not _NOTHING and self._stopping.is_set()):
+                    if isinstance(nxt, Batch):
+                        self._finish_batch(nxt)  # not started: its records go to whoever reads the partition next
+                    if done is not None:
+                        await self._publish(done, more=False)
+                    return
+                # The model starts on the next batch now (on its thread), before this one is published.
+                running = asyncio.ensure_future(self.runner.infer_soon(nxt)) if isinstance(nxt, Batch) else None
+                if done is not None:
+                    await self._publish(done, more=running is not None)  # while the model runs the next batch
+                    done = None
+                if running is not None:
+                    await running
+                    done = nxt
+        finally:
+            for task in (decoder, running):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            if self._txn is not None:
+                await self._txn.commit()
+
+    async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:
         while True:
             runs = await self._queue.next_batch()
             if self._stopping.is_set():
-                return  # not started: these records are redelivered to the partition's next reader
+                await ready.put(None)  # what is queued is left for redelivery
+                return
             if not runs:
                 continue
-            self._idle.clear()
-            began = time.perf_counter()
-            try:
-                batch = Batch([Run(tp, epoch, arrived, records) for (tp, epoch, arrived), records in runs])
-                await self.runner.run(batch)
-                if self._txn is not None:
-                    await self._commit_in_transactions(batch)
-                else:
-                    self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
-                stats = batch.count()
-                self.stats.add(stats)
-                self.telemetry.published(batch, stats)
-                self.stats.busy_ms_total += (time.perf_counter() - began) * 1000
-            finally:
-                self._idle.set()
-            if self._stopping.is_set():
-                return  # the batch in flight is done; queued records are left for redelivery
+            self._taken += 1
+            if self._busy_since is None:
+                self._busy_since = time.perf_counter()
+            batch = Batch([Run(tp, epoch, arrived, records) for (tp, epoch, arrived), records in runs])
+            self.runner.check(batch)
+            await ready.put(batch)
 
-    async def _commit_in_transactions(self, batch: Batch) -> None:
-        """Exactly-once: each partition's outputs and its next offset in one transaction."""
-        assert self._txn is not None
-        by_tp: dict[TopicPartition, list[int]] = {}
-        for i in range(len(batch)):
-            by_tp.setdefault(batch.tp(i), []).append(i)
-        epochs = {run.tp: run.epoch for run in batch.runs}
-        for tp, idx in by_tp.items():
-            if epochs[tp] != self._epochs[tp] or tp in self._fenced:
-                continue  # revoked or fenced since it was fetched: the next owner redoes it
-            first, last = batch.records[idx[0]].offset, batch.records[idx[-1]].offset
-            producer = await self._txn.get(tp)
-            try:
-                async with producer.transaction():
-                    sent = await self.outbox.publish(batch, producer, idx)
-                    await self._delivered_in_transaction(sent, producer)
-                    await producer.send_offsets_to_transaction({tp: last + 1}, self.settings.group_id)
-            except ProducerFenced:
-                # A newer owner of the partition started its producer: we are a zombie for this one.
-                # Never start a producer for it again until the group assigns it to us anew: that
-                # would fence the rightful owner in turn.
-                log.warning("%s: fenced by a newer owner; dropping its queued records", tp)
-                self._fenced.add(tp)
-                self._forget(tp)
-                await self._txn.discard(tp)
-            except KafkaError as exc:
-                # Unknown outcome: never guess. A new producer aborts the transaction; redo from its start.
-                log.warning("%s: transaction failed (%r); aborting it and redoing from offset %d", tp, exc, first)
-                await self._txn.discard(tp)
-                self._forget(tp)
-                if tp in self._consumer.assignment():
-                    self._consumer.seek(tp, first)
+    async def _publish(self, batch: Batch, *, more: bool) -> None:
+        """Encode and send the batch's records; commit (at-least-once: once acknowledged, by the commit task;
+        exactly-once: its transactions when ``transaction_ms`` is up, or at once when no ``more`` work is at hand)."""
+        self.runner.finish(batch)
+        if self._txn is not None:
+            await self._txn.publish(batch, lambda tp: self._epochs[tp])
+            if not more or self._txn.due():
+                await self._txn.commit()
+        else:
+            self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
+        stats = batch.count()
+        self.stats.add(stats)
+        self.telemetry.published(batch, stats)
+        self._finish_batch(batch)
 
-    def _forget(self, tp: TopicPartition) -> None:
+    def _finish_batch(self, batch: Batch) -> None:
+        self._finished += 1
+        self._progress.set()
+        if self._finished == self._taken and self._busy_since is not None:
+            self.stats.busy_ms_total += (time.perf_counter() - self._busy_since) * 1000
+            self._busy_since = None
+
+    def _redo(self, tp: TopicPartition, offset: int | None) -> None:
+        """Exactly-once: what this worker holds of ``tp`` is void (a transaction failed, or the partition was
+        fenced); read it again from ``offset`` (None: not at all, a newer owner has it)."""
+        self._epochs[tp] += 1  # batches fetched before are skipped
         self._queue.drop(lambda key: key[0] != tp)
+        if offset is not None and tp in self._consumer.assignment():
+            self._consumer.seek(tp, offset)
 
-    async def _delivered_in_transaction(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
-        """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
-        is gone, say) and the transaction aborts: it is redone from its start, and this time the record's
-        outcome is its dead letter."""
-        answers = await asyncio.gather(*(d.future for d in sent), return_exceptions=True)
-        for delivery, answer in zip(sent, answers, strict=True):
-            if isinstance(answer, Exception):
-                await self.outbox.learn(delivery, answer, producer)
-                raise answer
+
+_NOTHING: Any = object()  # no next batch at hand

@@ -57,6 +57,11 @@ class WorkerSettings(KafkaSettings):
     delivery: Literal["at-least-once", "exactly-once"] = Field(
         default="at-least-once", description="exactly-once: results and offsets in one Kafka transaction"
     )
+    transaction_ms: float = Field(
+        default=100.0, ge=0, le=60_000,
+        description="exactly-once: how long one transaction per input partition may span batches while more "
+                    "are ready (like Kafka Streams' commit.interval.ms); an idle worker commits at once",
+    )
     model: str = Field(default="tiny-mlp", min_length=1)
     device: str | None = Field(default=None, description="torch device; default: cuda when present, else cpu")
     max_batch_size: int = Field(default=32, ge=1, le=65536)

@@ -1,0 +1,72 @@
+"""Stand-in models for benchmarks (``bench.standins:NAME`` as a worker's model, with ROOT on PYTHONPATH).
+
+- ``embed384``: tiny-mlp's inputs (16 float32) to a 384-d float32 per item, the size of a MiniLM
+  embedding: what a framework must carry when outputs are large.
+- ``hop16``: tiny-mlp's inputs passed on: the first stage of a two-stage hop (bench_overhead's ``-hop``).
+- ``sleep20`` / ``sleep50``: a fixed 20 / 50 ms per batch (a GPU call that leaves the CPU free), 8 float32
+  per item: how busy a framework keeps a model that costs a known time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamer.models import Model, TinyMLP
+
+
+class Embed384(TinyMLP):
+    name = "embed384"
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        gen = torch.Generator().manual_seed(384)
+        self.proj = torch.randn(8, 384, generator=gen).to(device)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(super().forward(batch) @ self.proj, dim=1)
+
+
+class Hop16(TinyMLP):
+    """The first stage of a two-stage hop: tiny-mlp's 16 inputs, passed on (16 float32 per item)."""
+
+    name = "hop16"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch * 1.0
+
+
+class Sleep(TinyMLP):
+    """tiny-mlp that takes ``ms`` milliseconds per batch, whatever its size, without using the CPU."""
+
+    def __init__(self, device: torch.device, ms: float) -> None:
+        super().__init__(device)
+        self.ms = ms
+        self.name = f"sleep{ms:g}"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.ms / 1000)
+        return super().forward(batch)
+
+
+def embed384(device: torch.device, **_: Any) -> Model:
+    return Embed384(device)
+
+
+def hop16(device: torch.device, **_: Any) -> Model:
+    return Hop16(device)
+
+
+def sleep20(device: torch.device, **_: Any) -> Model:
+    return Sleep(device, 20)
+
+
+def sleep50(device: torch.device, **_: Any) -> Model:
+    return Sleep(device, 50)
+
+
+def inputs(n: int) -> list[np.ndarray[Any, Any]]:
+    return TinyMLP(torch.device("cpu")).example_inputs(n, seed=1)

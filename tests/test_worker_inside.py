@@ -1,0 +1,89 @@
+"""The worker's inside, in process on the real broker: the model overlaps publishing, and exactly-once
+transactions span batches when more work is at hand."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from consumers import Worker
+from consumers._batch import Batch
+from producers import StreamerClient
+from streamer.config import ClientSettings, WorkerSettings
+from streamer.models import TinyMLP, load_model
+
+pytestmark = pytest.mark.kafka
+
+
+class Slow(TinyMLP):
+    """tiny-mlp that takes 30 ms per batch (on the model thread: slower than a thread hop), noting its batches."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.started: list[float] = []
+        self.threads: set[str] = set()
+
+    def forward(self, batch: torch.Tensor) -> Any:
+        self.started.append(time.monotonic())
+        self.threads.add(threading.current_thread().name)
+        time.sleep(0.03)
+        return super().forward(batch)
+
+
+async def _answered(client_settings: ClientSettings, n: int) -> list[Any]:
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(n, seed=3)
+    async with StreamerClient(client_settings) as client:
+        futures = [await client.submit(x, model="tiny-mlp", key=f"k{i % 8}") for i, x in enumerate(inputs)]
+        return list(await asyncio.gather(*futures))
+
+
+async def test_the_model_runs_the_next_batch_while_the_last_is_published(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    model = Slow()
+    worker = Worker(created_topics.model_copy(update={"max_batch_size": 8, "max_wait_ms": 20.0}), model=model)
+    published: list[tuple[float, float]] = []  # (start, end) of each batch's publishing
+    publish = worker._publish
+
+    async def timed(batch: Batch, *, more: bool) -> None:
+        start = time.monotonic()
+        await asyncio.sleep(0.02)  # publishing that takes a while: the model must not wait for it
+        await publish(batch, more=more)
+        published.append((start, time.monotonic()))
+
+    worker._publish = timed  # type: ignore[method-assign]
+    await worker.start()
+    model.started.clear()  # the warm-up's runs, on another thread
+    model.threads.clear()
+    try:
+        results = await _answered(client_settings, 160)
+    finally:
+        await worker.stop()
+    assert [r.status for r in results] == ["ok"] * 160
+    assert all(t.startswith("streamer-model") for t in model.threads)
+    # Under a backlog (160 requests, batches of 8), the model runs (30 ms at least) the next batch while a
+    # batch is published, for most batches; run one after the other, no run would overlap a publishing.
+    overlapped = sum(any(s < end and s + 0.03 > start for s in model.started) for start, end in published)
+    assert overlapped >= len(published) // 2, (overlapped, len(published))
+
+
+async def test_exactly_once_transactions_span_batches_under_load(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    settings = created_topics.model_copy(update={"delivery": "exactly-once", "max_batch_size": 8})
+    worker = Worker(settings)
+    await worker.start()
+    try:
+        results = await _answered(client_settings, 400)
+        batches = worker.stats.batches
+    finally:
+        await worker.stop()
+    assert sorted(r.id for r in results) == sorted({r.id for r in results}) and len(results) == 400
+    assert worker._txn is not None
+    # One transaction per partition per batch would be at least `batches`; windows take several batches each.
+    assert 0 < worker._txn.committed < batches, (worker._txn.committed, batches)
