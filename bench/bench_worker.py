@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class Run:
                                        else "at-least-once",
                                        max_wait_ms=0.0 if variant == "streamer-nowait" else WAIT_MS)
         self.procs: list[asyncio.subprocess.Process] = []
+        self.env: dict[str, str] = {}  # more environment for the serving processes
         self.codec = Codec()
         m = load_model(model, "cpu")  # tiny-mlp's inputs serve the stand-ins too
         self.model_name = f"hop{tag}" if self.hop else m.name
@@ -116,7 +118,7 @@ name = "second"
 callable = "{self.model_spec}"
 input_topic = "b-{self.tag}.mid"
 group_id = "{s.group_id}.2"
-dead_letter_topic = "{s.dead_letter_topic}"
+dead_letter_topic = "{s.dead_letter_topic}.2"
 max_batch_size = {BATCH}
 max_wait_ms = {WAIT_MS}
 """)
@@ -129,11 +131,12 @@ max_wait_ms = {WAIT_MS}
         topics = [kafka.TopicSpec(s.request_topic, PARTITIONS), kafka.TopicSpec(s.results_topic, PARTITIONS),
                   kafka.TopicSpec(s.dead_letter_topic, 1)]
         if self.hop:
-            topics.append(kafka.TopicSpec(f"b-{self.tag}.mid", PARTITIONS))
+            topics += [kafka.TopicSpec(f"b-{self.tag}.mid", PARTITIONS), kafka.TopicSpec(f"{s.dead_letter_topic}.2", 1)]
         await kafka.ensure_topics(s, topics)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         if self.variant.startswith("streamer"):
             env.update(settings_env(s))
+            env.update(self.env)
             if self.variant.endswith("-1t") or self.hop:
                 env["STREAMER_TORCH_THREADS"] = "1"  # two processes share the cores
             if self.hop:
@@ -164,8 +167,10 @@ max_wait_ms = {WAIT_MS}
                                metadata={"pad": "x" * 8})
         return self.codec.encode_request(req), req.key.encode(), request_headers(req)  # type: ignore[union-attr]
 
-    async def drive(self, n: int, rate: float | None) -> dict[str, Any]:
-        """Publish n requests (at ``rate``/s, or as fast as possible); collect every result."""
+    async def drive(self, n: int, rate: float | None, during: Callable[[], Awaitable[Any]] | None = None,
+                    arrivals: list[float] | None = None) -> dict[str, Any]:
+        """Publish n requests (at ``rate``/s, or as fast as possible); collect every result. ``during`` runs
+        beside (a worker joining, say); ``arrivals`` gets each result's arrival, seconds from the start."""
         s = self.settings
         producer = kafka.producer(s, linger_ms=1)
         consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest")
@@ -189,6 +194,7 @@ max_wait_ms = {WAIT_MS}
             await producer.flush()
 
         pub = asyncio.create_task(publish())
+        side = asyncio.create_task(during()) if during is not None else None
         try:
             async with asyncio.timeout(600):
                 while len(latencies) < n:
@@ -199,7 +205,11 @@ max_wait_ms = {WAIT_MS}
                             rid = rid.decode() if rid else self.codec.decode_result(r.value).id
                             if rid in sent:
                                 latencies.append((now - sent.pop(rid)) * 1000)
+                                if arrivals is not None:
+                                    arrivals.append(now - t0)
             await pub
+            if side is not None:
+                await side
         finally:
             elapsed = time.perf_counter() - t0
             cpu = self.cpu_seconds() - cpu0

@@ -145,6 +145,7 @@ class BatchRunner:
         loop when the result is awaited."""
         inputs = batch.inputs
         if inputs and self._estimate_ms(len(inputs)) >= INLINE_BELOW_MS:
+            batch.on_thread = True
             return self._answered(batch, asyncio.get_running_loop().run_in_executor(self._executor, self._timed,
                                                                                     inputs))
         return self._inline(batch)

@@ -102,8 +102,9 @@ class Outbox:
         sent: list[Delivery] = []
         for _ in range(3):  # a forward that fails becomes an error result: one more round sends that
             groups: dict[tuple[str, str, int | None], list[int]] = {}
+            refusals: dict[tuple[str, int | None], str | None] = {}  # the route policy's answer, once per route
             for i in todo:
-                dest = self._destination(batch, i, producer)
+                dest = self._destination(batch, i, producer, refusals)
                 if dest is not None:
                     groups.setdefault(dest, []).append(i)
             retry: list[int] = []
@@ -120,7 +121,8 @@ class Outbox:
         return sent
 
     # -- deciding where each record goes ------------------------------------------------------------
-    def _destination(self, batch: Batch, i: int, producer: AIOKafkaProducer) -> tuple[str, str, int | None] | None:
+    def _destination(self, batch: Batch, i: int, producer: AIOKafkaProducer,
+                     refusals: dict[tuple[str, int | None], str | None]) -> tuple[str, str, int | None] | None:
         """(kind, topic, partition) of record ``i``'s result or forwarded message; None if it has none to send.
         A record that may not be sent is decided here (an error result, or a dead letter alone)."""
         rec = batch.records[i]
@@ -138,7 +140,11 @@ class Outbox:
                     continue
                 return FORWARD, topic, None
             partition = batch.dest_partition[i]
-            why = self.routes.refuse(producer.client, topic, partition)
+            route = (topic, partition)
+            if route in refusals:
+                why = refusals[route]
+            else:
+                why = refusals[route] = self.routes.refuse(producer.client, topic, partition)
             if why is not None:
                 self._no_reply(batch, i, "bad_route", why)
                 return None
@@ -156,11 +162,11 @@ class Outbox:
         return key if key is None or len(key) <= self.max_bytes // 4 else None
 
     @staticmethod
-    def _timings(batch: Batch, i: int) -> tuple[float, int, float] | None:
+    def _timings(batch: Batch, i: int) -> tuple[float, int, float]:
+        """(queue ms, batch size, model ms) of record ``i``, as its result carried them."""
         st = batch.stats
-        for wait_s, _n in st.queue_waits[:1]:
-            return wait_s * 1000, st.runnable, st.inference_s * 1000
-        return None
+        wait_ms = max(0.0, batch.started - batch.runs[batch.run_of[i]].arrived) * 1000
+        return wait_ms, st.runnable, st.inference_s * 1000
 
     def _no_reply(self, batch: Batch, i: int, code: str, why: str) -> None:
         """The result cannot be sent: the dead letter says why (once: an error result's stays as it is)."""

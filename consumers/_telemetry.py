@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -62,10 +63,14 @@ class Telemetry:
                 child = self._dead[code] = self.metrics.labels(self.metrics.dead_letters, code)
             child.inc(n)
         if st.statuses["ok"]:
-            now, latency = now_ms(), self._latency
+            # Latency in whole ms (created_ms's resolution): a batch's results share a few values, each
+            # observed once with its count.
+            now, ages = now_ms(), Counter[int]()
             for st_i, created in zip(batch.status, batch.created, strict=True):
                 if st_i == "ok" and created is not None:
-                    latency.observe(max(0, now - created) / 1000)
+                    ages[max(0, now - created)] += 1
+            for age, n in ages.items():
+                observe_many(self._latency, age / 1000, n)
         for run in batch.runs:
             self._next[run.tp] = run.records[-1].offset + 1
 

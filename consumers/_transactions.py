@@ -102,6 +102,7 @@ class TransactionWindows:
         self._open: dict[TopicPartition, _Window] = {}
         self._span_s = settings.transaction_ms / 1000
         self.committed = 0  # transactions committed
+        self._lock = asyncio.Lock()
 
     async def publish(self, batch: Batch, current_epoch: Callable[[TopicPartition], int]) -> None:
         """Send each partition's outputs in its open transaction (opened here if none is)."""
@@ -128,28 +129,37 @@ class TransactionWindows:
             except KafkaError as exc:
                 await self._failed(tp, w.first if w is not None else first, exc)
 
+    def left_s(self) -> float | None:
+        """Seconds until the oldest open transaction is due for its commit (None: none is open)."""
+        if not self._open:
+            return None
+        return max(0.0, min(w.opened for w in self._open.values()) + self._span_s - time.monotonic())
+
     def due(self) -> bool:
         """Whether a transaction has been open for ``transaction_ms``."""
-        now = time.monotonic()
-        return any(now - w.opened >= self._span_s for w in self._open.values())
+        return self.left_s() == 0.0
 
     async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
         """Commit the open transactions (of ``tps``, default all): their records, then their offsets."""
-        for tp in list(self._open if tps is None else tps):
-            w = self._open.pop(tp, None)
-            if w is None:
-                continue
-            if w.broken:
-                await self._failed(tp, w.first, KafkaError("a publish into the transaction was interrupted"))
-                continue
-            try:
-                await self._delivered(w.sent, w.producer)
-                await w.producer.send_offsets_to_transaction({tp: w.last + 1}, self.settings.group_id)
-                await w.producer.commit_transaction()
-                self.committed += 1
-            except KafkaError as exc:
-                self._open[tp] = w
-                await self._failed(tp, w.first, exc)
+        async with self._lock:  # a revoke's release and the process loop may both commit
+            await self._commit(tps)
+
+    async def _commit(self, tps: Iterable[TopicPartition] | None) -> None:
+        """Each partition's transaction has its own producer: they commit side by side, not one after another."""
+        todo = [(tp, self._open.pop(tp)) for tp in list(self._open if tps is None else tps) if tp in self._open]
+        await asyncio.gather(*(self._commit_one(tp, w) for tp, w in todo))
+
+    async def _commit_one(self, tp: TopicPartition, w: _Window) -> None:
+        if w.broken:
+            await self._failed(tp, w.first, KafkaError("a publish into the transaction was interrupted"))
+            return
+        try:
+            await self._delivered(w.sent, w.producer)
+            await w.producer.send_offsets_to_transaction({tp: w.last + 1}, self.settings.group_id)
+            await w.producer.commit_transaction()
+            self.committed += 1
+        except KafkaError as exc:
+            await self._failed(tp, w.first, exc)
 
     async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
@@ -178,9 +188,10 @@ class TransactionWindows:
     async def release(self, tps: Iterable[TopicPartition]) -> None:
         """Partitions taken from us: commit what is open for them, then close their producers."""
         tps = list(tps)
-        await self.commit([tp for tp in tps if tp in self._open])
-        for tp in tps:
-            await self.producers.discard(tp)
+        async with self._lock:
+            await self._commit([tp for tp in tps if tp in self._open])
+            for tp in tps:
+                await self.producers.discard(tp)
 
     async def close(self) -> None:
         await self.commit()

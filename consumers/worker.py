@@ -91,6 +91,10 @@ class Worker:
         self._taken = self._finished = 0
         self._progress = asyncio.Event()
         self._busy_since: float | None = None
+        # At-least-once: batches whose records wait to be handed to the producer together (see _flush).
+        self._held: list[Batch] = []
+        self._held_records = 0
+        self._hold_records = 16 * settings.max_batch_size
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
         self._measured: float | None = None  # items/s of model time (for the assignor)
@@ -348,10 +352,13 @@ class Worker:
                 # The model starts on the next batch now (on its thread), before this one is published.
                 running = asyncio.ensure_future(self.runner.infer_soon(nxt)) if isinstance(nxt, Batch) else None
                 if done is not None:
-                    await self._publish(done, more=running is not None)  # while the model runs the next batch
+                    # While the model runs the next batch. The records of a cheap model's batches are handed to
+                    # the producer together while more are at hand (see _hold), so they share produce requests.
+                    more = running is not None and not nxt.on_thread
+                    await self._publish(done, more=more)
                     done = None
                 if running is not None:
-                    await running
+                    await self._model_done(running)
                     done = nxt
         finally:
             for task in (decoder, running):
@@ -360,6 +367,17 @@ class Worker:
                     await asyncio.gather(task, return_exceptions=True)
             if self._txn is not None:
                 await self._txn.commit()
+
+    async def _model_done(self, running: asyncio.Future[None]) -> None:
+        """Wait for the model; exactly-once commits its open transactions meanwhile if they fall due (a slow
+        model must not hold results back past ``transaction_ms``)."""
+        if self._txn is not None:
+            left = self._txn.left_s()
+            if left is not None:
+                finished, _ = await asyncio.wait({running}, timeout=left)
+                if not finished:
+                    await self._txn.commit()
+        await running
 
     async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:
         while True:
@@ -384,8 +402,24 @@ class Worker:
             await self._txn.publish(batch, lambda tp: self._epochs[tp])
             if not more or self._txn.due():
                 await self._txn.commit()
-        else:
+            self._account(batch)
+            return
+        held = self._held
+        held.append(batch)
+        self._held_records += len(batch)
+        if not more or self._held_records >= self._hold_records or time.monotonic() - held[0].started > _HOLD_S:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """At-least-once: hand the held batches' records to the producer, in order, without a pause between
+        them (so the producer's sender takes them in as few requests as it can), and their offsets to the
+        commit task."""
+        held, self._held, self._held_records = self._held, [], 0
+        for batch in held:
             self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
+            self._account(batch)
+
+    def _account(self, batch: Batch) -> None:
         stats = batch.count()
         self.stats.add(stats)
         self.telemetry.published(batch, stats)
@@ -394,9 +428,10 @@ class Worker:
     def _finish_batch(self, batch: Batch) -> None:
         self._finished += 1
         self._progress.set()
-        if self._finished == self._taken and self._busy_since is not None:
-            self.stats.busy_ms_total += (time.perf_counter() - self._busy_since) * 1000
-            self._busy_since = None
+        if self._busy_since is not None:  # busy: while any batch is in the pipeline
+            now = time.perf_counter()
+            self.stats.busy_ms_total += (now - self._busy_since) * 1000
+            self._busy_since = now if self._finished < self._taken else None
 
     def _redo(self, tp: TopicPartition, offset: int | None) -> None:
         """Exactly-once: what this worker holds of ``tp`` is void (a transaction failed, or the partition was
@@ -408,3 +443,4 @@ class Worker:
 
 
 _NOTHING: Any = object()  # no next batch at hand
+_HOLD_S = 0.005  # the longest a batch's records are held back for the next batches' (while more are at hand)

@@ -50,6 +50,7 @@ DTYPES: Final[dict[int, np.dtype[Any]]] = {
 _CODES: Final = {dt: code for code, dt in DTYPES.items()}
 _MAX_NDIM: Final = 8
 _FIXED = struct.Struct("<BB6x")
+_SHAPES = [struct.Struct(f"<{n}Q") for n in range(_MAX_NDIM + 1)]
 _RESERVED = bytes(6)
 _ALWAYS: Final = frozenset({"inputs", "outputs", "payload"})
 
@@ -169,7 +170,7 @@ class Codec:
         offset = _FIXED.size + 8 * ndim
         if len(data) < offset:
             raise DecodeError("tensor shape is truncated")
-        shape = struct.unpack_from(f"<{ndim}Q", data, _FIXED.size)
+        shape = _SHAPES[ndim].unpack_from(data, _FIXED.size)
         count = math.prod(shape)
         if count > self.limits.max_tensor_elements:
             raise LimitExceeded(f"tensor of {count} elements is over the "

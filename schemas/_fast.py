@@ -19,8 +19,9 @@ from typing import Annotated, Any
 
 import msgpack
 import msgspec
+import numpy as np
 
-from ._codec import Codec
+from ._codec import _CODES, Codec, _encode_tensor
 from ._errors import WireError
 from ._models import MAX_ID_CHARS, MAX_NAME_CHARS, now_ms
 
@@ -147,6 +148,30 @@ def _timing_map(t: WireTiming) -> dict[str, Any]:
             "inference_ms": t.inference_ms, "done_ms": t.done_ms}
 
 
+class _TensorPrefix:
+    """The msgpack bytes of a batch's output tensors without the msgpack default hook per item: the outputs
+    of a batch share their dtype and shape, so the ext header and the tensor header (WIRE.md) are the same
+    bytes for all of them, packed once. Anything else: None (msgpack packs it)."""
+
+    __slots__ = ("_key", "_prefix")
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, tuple[int, ...]] | None = None
+        self._prefix = b""
+
+    def pack(self, value: Any) -> bytes | None:
+        if type(value) is not np.ndarray or not value.flags.c_contiguous or value.dtype.byteorder == ">":
+            return None
+        key = (value.dtype, value.shape)
+        if key != self._key:
+            code = _CODES.get(value.dtype)
+            if code is None or value.ndim > 8:
+                return None  # msgpack's hook says why
+            whole = msgpack.packb(_encode_tensor(np.zeros(value.shape, value.dtype)), use_bin_type=True)
+            self._key, self._prefix = key, whole[:len(whole) - value.nbytes]
+        return self._prefix + value.tobytes()
+
+
 class ResultWriter:
     """Encodes a batch's ``ok`` results and forwarded stage messages: the same bytes as the models'
     encoding (``Codec.encode_result``, ``Codec.encode``), with what is the same for the batch packed once."""
@@ -158,9 +183,10 @@ class ResultWriter:
         self._model_part = p.pack("model") + p.pack(model) + p.pack("model_version") + p.pack(model_version)
         self._worker_part = p.pack("worker") + p.pack(worker)
         self._max = codec.limits.max_message_bytes
+        self._maps: dict[int, tuple[WireTiming, dict[str, Any]]] = {}
 
     def results(self, ids: Sequence[str], outputs: Sequence[Any], timings: Sequence[tuple[float, int, float]],
-                trails: Sequence[list[WireTiming] | None] | None = None) -> list[bytes | Exception]:
+                trails: Sequence[list[WireTiming]] | None = None) -> list[bytes | Exception]:
         """One ``ok`` result per item (with ``stages`` when ``trails`` is given); an item whose output cannot be
         encoded gets the exception instead. ``timings``: (queue_ms, batch_size, inference_ms) per item."""
         pack = self._pack
@@ -170,19 +196,19 @@ class ResultWriter:
         timing_key = pack("timings")
         cache: dict[tuple[float, int, float], bytes] = {}
         out: list[bytes | Exception] = []
+        tensor = _TensorPrefix()
         for i, (rid, output, t) in enumerate(zip(ids, outputs, timings, strict=True)):
             tb = cache.get(t)
             if tb is None:
                 tb = cache[t] = timing_key + pack({"queue_ms": t[0], "batch_size": t[1], "inference_ms": t[2]})
             try:
-                body = pack(output)
+                body = tensor.pack(output) or pack(output)
             except (TypeError, ValueError, OverflowError) as exc:
                 out.append(exc)
                 continue
             stages = b""
             if trails is not None:
-                trail = trails[i]
-                stages = pack("stages") + pack(None if trail is None else [_timing_map(x) for x in trail])
+                stages = pack("stages") + pack([_timing_map(x) for x in trails[i]])
             value = b"".join((head, pack(rid), middle, body, tb, stages, tail))
             out.append(value if len(value) <= self._max else self.codec.limit_error(len(value)))
         return out
@@ -198,5 +224,16 @@ class ResultWriter:
             data["deadline_ms"] = msg.deadline_ms
         data["created_ms"] = msg.created_ms
         data["metadata"] = msg.metadata or {}
-        data["trail"] = [_timing_map(x) for x in trail]
+        data["trail"] = [self._timing(x) for x in trail]
         return self.codec.pack(data)
+
+    def _timing(self, t: WireTiming) -> dict[str, Any]:
+        """A trail entry's map; the entry a stage adds is one object for a run of records: built once."""
+        seen = self._maps.get(id(t))
+        if seen is not None and seen[0] is t:  # the entry is held here, so its id is not reused meanwhile
+            return seen[1]
+        if len(self._maps) > 1024:
+            self._maps.clear()
+        m = _timing_map(t)
+        self._maps[id(t)] = (t, m)
+        return m

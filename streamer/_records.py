@@ -48,34 +48,27 @@ class _LenientBatch(_DefaultRecordBatchPy):  # type: ignore[misc]
 class _Batch:
     """One batch: the fast reader's, falling back to the lenient one from the record it failed on."""
 
-    __slots__ = ("_fast", "_index", "_owner", "_records")
+    __slots__ = ("_fast", "_index", "_owner")
 
     def __init__(self, fast: Any, owner: _Records, index: int) -> None:
         self._fast = fast
         self._owner = owner
         self._index = index
-        self._records: Iterator[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fast, name)
 
     def __iter__(self) -> Iterator[Any]:
-        self._records = self._read()
-        return self._records
+        # The whole batch in C first (no Python step per record); only a batch the fast reader refuses is
+        # read again, whole, by the lenient one.
+        try:
+            records = list(self._fast)
+        except UnicodeDecodeError:
+            records = list(self._owner.lenient_batch(self._index))
+        return iter(records)
 
     def __next__(self) -> Any:  # control batches are read with next(batch)
         return next(self._fast)
-
-    def _read(self) -> Iterator[Any]:
-        done = 0
-        try:
-            for record in self._fast:
-                done += 1
-                yield record
-        except UnicodeDecodeError:
-            for i, record in enumerate(self._owner.lenient_batch(self._index)):
-                if i >= done:
-                    yield record
 
 
 class _Records:

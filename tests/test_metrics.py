@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
 from streamer.broker import free_port
-from streamer.metrics import scaling_estimate
+from streamer.metrics import WorkerMetrics, observe_many, scaling_estimate
 from streamer.models import load_model
 
 from .helpers import Processes
@@ -106,3 +106,19 @@ async def test_metrics_move_during_a_run_and_lag_returns_to_zero(
 
 async def _collect(client: StreamerClient, inputs: list[Any]) -> list[Any]:
     return [r async for r in client.stream(inputs, model="slow-tiny", key=lambda x: str(round(x[0], 2)))]
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.0007, 0.003, 0.2, 7.0, 1000.0])
+def test_observe_many_records_what_as_many_observations_would(amount: float) -> None:
+    """The items of a batch share their queue wait: one step for all of them, the same exposition."""
+    one_by_one, at_once = WorkerMetrics("m"), WorkerMetrics("m")
+    for _ in range(5):
+        one_by_one.labels(one_by_one.queue_wait).observe(amount)
+    observe_many(at_once.labels(at_once.queue_wait), amount, 5)
+    observe_many(at_once.labels(at_once.queue_wait), amount, 0)
+
+    def samples(m: WorkerMetrics) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name, s.labels, s.value) for fam in m.registry.collect() if fam.name == "streamer_queue_wait_seconds"
+                for s in fam.samples if not s.name.endswith("_created")]
+
+    assert samples(at_once) == samples(one_by_one)
