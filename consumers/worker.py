@@ -91,7 +91,7 @@ class Worker:
         self._taken = self._finished = 0
         self._progress = asyncio.Event()
         self._busy_since: float | None = None
-        # At-least-once: batches whose records wait to be handed to the producer together (see _flush).
+        # Batches whose records wait to be handed to the producer together (see _flush).
         self._held: list[Batch] = []
         self._held_records = 0
         self._hold_records = 16 * settings.max_batch_size
@@ -395,28 +395,29 @@ class Worker:
             await ready.put(batch)
 
     async def _publish(self, batch: Batch, *, more: bool) -> None:
-        """Encode and send the batch's records; commit (at-least-once: once acknowledged, by the commit task;
-        exactly-once: its transactions when ``transaction_ms`` is up, or at once when no ``more`` work is at hand)."""
+        """Encode the batch's records and hold them; hand what is held to the producer (see :meth:`_flush`) once
+        no ``more`` work is at hand, or enough is held, or the first held batch has waited ``_HOLD_S``."""
         self.runner.finish(batch)
-        if self._txn is not None:
-            await self._txn.publish(batch, lambda tp: self._epochs[tp])
-            if not more or self._txn.due():
-                await self._txn.commit()
-            self._account(batch)
-            return
         held = self._held
         held.append(batch)
         self._held_records += len(batch)
         if not more or self._held_records >= self._hold_records or time.monotonic() - held[0].started > _HOLD_S:
-            await self._flush()
+            await self._flush(more=more)
 
-    async def _flush(self) -> None:
-        """At-least-once: hand the held batches' records to the producer, in order, without a pause between
-        them (so the producer's sender takes them in as few requests as it can), and their offsets to the
-        commit task."""
+    async def _flush(self, *, more: bool) -> None:
+        """Hand the held batches' records to the producer, in order and without a pause between them, so the
+        producer's sender takes them in as few requests as it can. At-least-once: their offsets go to the
+        commit task. Exactly-once: into each partition's open transaction, committed when ``transaction_ms``
+        is up or at once when no ``more`` work is at hand."""
         held, self._held, self._held_records = self._held, [], 0
         for batch in held:
-            self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
+            if self._txn is not None:
+                await self._txn.publish(batch, lambda tp: self._epochs[tp])
+            else:
+                self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
+        if self._txn is not None and (not more or self._txn.due()):
+            await self._txn.commit()
+        for batch in held:
             self._account(batch)
 
     def _account(self, batch: Batch) -> None:
