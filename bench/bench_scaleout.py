@@ -1,6 +1,7 @@
 """Scale-out, simulated on one machine: 1, 2, 4 and 8 worker processes of one group at saturation.
 
-The model is a stand-in that sleeps 50 ms per batch of 32 (``bench.standins:sleep50``: a GPU call that
+Requests cycle through 4,096 keys, so every partition gets an equal share. The model is a stand-in that
+sleeps 50 ms per batch of 32 (``bench.standins:sleep50``: a GPU call that
 leaves the CPU free), so n workers could serve n times one worker's rate if the framework, the broker
 and the group's assignment got out of the way. 16 partitions, one client publishing as fast as it can,
 fresh topics per run. Reports throughput and efficiency (rate / (n x one worker's rate)); then, with
@@ -40,6 +41,9 @@ class Group(Run):
     def __init__(self, bootstrap: str, n: int) -> None:
         super().__init__("streamer-1t", bootstrap, MODEL)
         self.n = n
+        # Enough keys that 16 partitions get equal shares (64 keys hash to 2-7 per partition: the busiest
+        # worker's share, not the framework, would then set the pace).
+        self.keys = 4096
 
     def _commands(self) -> list[tuple[list[str], str]]:
         return super()._commands() * self.n

@@ -76,6 +76,7 @@ class Run:
                                        max_wait_ms=0.0 if variant == "streamer-nowait" else WAIT_MS)
         self.procs: list[asyncio.subprocess.Process] = []
         self.env: dict[str, str] = {}  # more environment for the serving processes
+        self.keys = 64  # distinct request keys, cycled
         self.codec = Codec()
         m = load_model(model, "cpu")  # tiny-mlp's inputs serve the stand-ins too
         self.model_name = f"hop{tag}" if self.hop else m.name
@@ -162,7 +163,7 @@ max_wait_ms = {WAIT_MS}
 
     def _request(self, i: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
         req = InferenceRequest(id=f"{i:08d}-{uuid.uuid4().hex[:16]}", model=self.model_name,
-                               inputs=self.inputs[i % 256], key=f"key-{i % 64}",
+                               inputs=self.inputs[i % 256], key=f"key-{i % self.keys}",
                                reply_to=ReplyTo(topic=self.settings.results_topic),
                                metadata={"pad": "x" * 8})
         return self.codec.encode_request(req), req.key.encode(), request_headers(req)  # type: ignore[union-attr]

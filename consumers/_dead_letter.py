@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas import DeadLetterHeaders
+
 from ._batch import DeadLetter
 
 __all__ = ["dead_letter_record"]
@@ -24,25 +26,26 @@ def dead_letter_record(
     record: Any, dl: DeadLetter, worker: str, max_bytes: int
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]:
     """Key, value and headers of the dead letter for ``record`` (as consumed), at most ``max_bytes`` in all."""
+    h = DeadLetterHeaders
     own: dict[str, bytes] = {
-        "streamer-error-code": dl.code.encode(),
-        "streamer-error-message": dl.message.encode("utf-8", "replace")[:4096],
-        "streamer-source-topic": record.topic.encode(),
-        "streamer-source-partition": str(record.partition).encode(),
-        "streamer-source-offset": str(record.offset).encode(),
-        "streamer-worker": worker.encode(),
+        h.ERROR_CODE: dl.code.encode(),
+        h.ERROR_MESSAGE: dl.message.encode("utf-8", "replace")[:4096],
+        h.SOURCE_TOPIC: record.topic.encode(),
+        h.SOURCE_PARTITION: str(record.partition).encode(),
+        h.SOURCE_OFFSET: str(record.offset).encode(),
+        h.WORKER: worker.encode(),
     }
     kept: list[tuple[str, bytes | None]] = [(k, v) for k, v in record.headers or () if k not in own]
     key, value = record.key, record.value or b""
     quarter = max_bytes // 4
     if _size(kept) > quarter:
-        own["streamer-headers-dropped"] = str(len(kept)).encode()
+        own[h.HEADERS_DROPPED] = str(len(kept)).encode()
         kept = []
     if key is not None and len(key) > quarter:
-        own["streamer-key-truncated-from"] = str(len(key)).encode()
+        own[h.KEY_TRUNCATED_FROM] = str(len(key)).encode()
         key = key[:quarter]
     room = max_bytes - _OVERHEAD - len(key or b"") - _size(kept) - _size(list(own.items()))
     if len(value) > room:
-        own["streamer-truncated-from"] = str(len(value)).encode()
+        own[h.TRUNCATED_FROM] = str(len(value)).encode()
         value = value[:max(0, room)]
     return key, value, kept + list(own.items())

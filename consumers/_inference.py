@@ -202,7 +202,7 @@ class BatchRunner:
             if msg.model != route.model:
                 what = f"stage {route.stage!r} of {route.model!r}" if route.stage else repr(route.model)
                 self.fail(batch, i, "unknown_model", f"this worker group serves {what}, not {msg.model!r}")
-            elif isinstance(msg, WireStage) and msg.stage != route.stage:
+            elif type(msg) is WireStage and msg.stage != route.stage:
                 self.fail(batch, i, "schema_error", f"a message for stage {msg.stage!r} reached stage {route.stage!r}")
             elif deadlines and msg.deadline_ms is not None and now > msg.deadline_ms:
                 self._expired(batch, i, msg)
@@ -302,7 +302,7 @@ class BatchRunner:
             return  # nobody to tell (no id, or one no result can carry): the dead letter alone records it
         batch.ids[i] = rid
         stages = None
-        if isinstance(msg, WireStage) and self.route.stage is not None:
+        if type(msg) is WireStage and self.route.stage is not None:
             stages = [StageTiming(stage=t.stage, worker=t.worker, queue_ms=t.queue_ms, batch_size=t.batch_size,
                                   inference_ms=t.inference_ms, done_ms=t.done_ms) for t in _trail(msg)] or None
         try:
@@ -350,4 +350,4 @@ class BatchRunner:
 
 
 def _trail(msg: WireRequest | WireStage | None) -> list[WireTiming]:
-    return (msg.trail or []) if isinstance(msg, WireStage) else []
+    return (msg.trail or []) if type(msg) is WireStage else []

@@ -10,6 +10,7 @@ from ._headers import (
     REQUEST_ID_HEADER,
     SCHEMA_HEADER,
     SCHEMA_VERSION,
+    DeadLetterHeaders,
     RoutingHeaders,
     header_text,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TENSOR_EXT_CODE",
     "Codec",
+    "DeadLetterHeaders",
     "DecodeError",
     "ErrorCode",
     "ErrorInfo",

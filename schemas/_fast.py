@@ -148,6 +148,13 @@ def _timing_map(t: WireTiming) -> dict[str, Any]:
             "inference_ms": t.inference_ms, "done_ms": t.done_ms}
 
 
+def _array_header(n: int) -> bytes:
+    """msgpack's header of an array of ``n`` items."""
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
+
+
 class _TensorPrefix:
     """The msgpack bytes of a batch's output tensors without the msgpack default hook per item: the outputs
     of a batch share their dtype and shape, so the ext header and the tensor header (WIRE.md) are the same
@@ -183,7 +190,8 @@ class ResultWriter:
         self._model_part = p.pack("model") + p.pack(model) + p.pack("model_version") + p.pack(model_version)
         self._worker_part = p.pack("worker") + p.pack(worker)
         self._max = codec.limits.max_message_bytes
-        self._maps: dict[int, tuple[WireTiming, dict[str, Any]]] = {}
+        self._maps: dict[int, tuple[WireTiming, bytes]] = {}
+        self._tensor = _TensorPrefix()
 
     def results(self, ids: Sequence[str], outputs: Sequence[Any], timings: Sequence[tuple[float, int, float]],
                 trails: Sequence[list[WireTiming]] | None = None) -> list[bytes | Exception]:
@@ -214,26 +222,33 @@ class ResultWriter:
         return out
 
     def forward(self, msg: WireRequest | WireStage, stage: str, payload: Any, trail: list[WireTiming]) -> bytes:
-        """``msg`` for ``stage`` with ``payload`` and ``trail``: the bytes of ``Codec.encode(StageMessage(...))``."""
-        data: dict[str, Any] = {"id": msg.id, "model": msg.model, "stage": stage, "payload": payload}
+        """``msg`` for ``stage`` with ``payload`` and ``trail``: the bytes of ``Codec.encode(StageMessage(...))``,
+        assembled from packed parts (the trail entry a stage adds, one object per run of records, once)."""
+        pack = self._pack
+        n = 7 + (msg.key is not None) + (msg.reply_to is not None) + (msg.deadline_ms is not None)
+        parts = [bytes([0x80 | n]), pack("id"), pack(msg.id), pack("model"), pack(msg.model), pack("stage"),
+                 pack(stage), pack("payload"), self._tensor.pack(payload) or pack(payload)]
         if msg.key is not None:
-            data["key"] = msg.key
+            parts += (pack("key"), pack(msg.key))
         if msg.reply_to is not None:
-            data["reply_to"] = {"topic": msg.reply_to.topic, "partition": msg.reply_to.partition}
+            parts += (pack("reply_to"), pack({"topic": msg.reply_to.topic, "partition": msg.reply_to.partition}))
         if msg.deadline_ms is not None:
-            data["deadline_ms"] = msg.deadline_ms
-        data["created_ms"] = msg.created_ms
-        data["metadata"] = msg.metadata or {}
-        data["trail"] = [self._timing(x) for x in trail]
-        return self.codec.pack(data)
+            parts += (pack("deadline_ms"), pack(msg.deadline_ms))
+        parts += (pack("created_ms"), pack(msg.created_ms), pack("metadata"), pack(msg.metadata or {}),
+                  pack("trail"), _array_header(len(trail)))
+        parts += (self._timing(x) for x in trail)
+        value = b"".join(parts)
+        if len(value) > self._max:
+            raise self.codec.limit_error(len(value))
+        return value
 
-    def _timing(self, t: WireTiming) -> dict[str, Any]:
-        """A trail entry's map; the entry a stage adds is one object for a run of records: built once."""
+    def _timing(self, t: WireTiming) -> bytes:
+        """A trail entry, packed; the entry a stage adds is one object for a run of records: packed once."""
         seen = self._maps.get(id(t))
         if seen is not None and seen[0] is t:  # the entry is held here, so its id is not reused meanwhile
             return seen[1]
         if len(self._maps) > 1024:
             self._maps.clear()
-        m = _timing_map(t)
-        self._maps[id(t)] = (t, m)
-        return m
+        packed: bytes = self._pack(_timing_map(t))
+        self._maps[id(t)] = (t, packed)
+        return packed

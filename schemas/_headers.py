@@ -21,6 +21,7 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "SCHEMA_HEADER",
     "SCHEMA_VERSION",
+    "DeadLetterHeaders",
     "RoutingHeaders",
     "header_text",
 ]
@@ -31,6 +32,20 @@ CONTENT_TYPE_HEADER: Final = "content-type"
 REQUEST_ID_HEADER: Final = "streamer-request-id"
 REPLY_TOPIC_HEADER: Final = "streamer-reply-topic"
 REPLY_PARTITION_HEADER: Final = "streamer-reply-partition"
+
+
+class DeadLetterHeaders:
+    """Headers a worker adds to a dead letter (WIRE.md, section 4), beside the original record's own."""
+
+    ERROR_CODE: Final = "streamer-error-code"
+    ERROR_MESSAGE: Final = "streamer-error-message"
+    SOURCE_TOPIC: Final = "streamer-source-topic"
+    SOURCE_PARTITION: Final = "streamer-source-partition"
+    SOURCE_OFFSET: Final = "streamer-source-offset"
+    WORKER: Final = "streamer-worker"
+    TRUNCATED_FROM: Final = "streamer-truncated-from"
+    KEY_TRUNCATED_FROM: Final = "streamer-key-truncated-from"
+    HEADERS_DROPPED: Final = "streamer-headers-dropped"
 
 Headers = Sequence[tuple[str, bytes | None]]
 

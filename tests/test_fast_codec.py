@@ -8,11 +8,12 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import Codec, InferenceResult, Limits, StageMessage, StageTiming, Timings, WireError
-from schemas._fast import FastReader, ResultWriter, WireRequest, WireStage, WireTiming
+from schemas._fast import FastReader, ResultWriter, WireRequest, WireStage, WireTiming, _array_header
 
 INTS = st.integers(-(2**63), 2**64 - 1)
 SMALL = Limits(max_depth=5, max_str_bytes=4096, max_container_len=16, max_message_bytes=30_000)
@@ -200,3 +201,9 @@ def test_forwarded_stage_messages_are_the_bytes_of_the_model(raw: dict[str, Any]
         "trail": [StageTiming(**{f: getattr(t, f) for f in t.__struct_fields__}) for t in trail]}))
     assert got == want
     assert isinstance(StageMessage.model_validate(msgpack.unpackb(got, ext_hook=codec._ext_hook)), StageMessage)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 65_535, 65_536])
+def test_array_headers_are_msgpacks(n: int) -> None:
+    whole = msgpack.packb([None] * n)
+    assert _array_header(n) == whole[: len(whole) - n]
