@@ -137,20 +137,25 @@ class Worker:
                 self._measured = await asyncio.get_running_loop().run_in_executor(
                     None, self.runner.measure_capacity, self.policy.max_batch_size)
             self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
+            if self.settings.metrics_port is not None:  # up before the group sees this member
+                port = self.metrics.serve(self.settings.metrics_port)
+                log.info("metrics on http://0.0.0.0:%d/metrics", port)
             await kafka.wait_for_cluster(self.settings, self.settings.startup_timeout_s)
+            # What start-up made (modules, the model, torch's state) lives as long as the process: keep it out of
+            # the cyclic collector's scans, which the hot path's allocations would otherwise trigger on the whole
+            # heap. Done before joining the group, so the pause is not a member's.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*_GC_THRESHOLDS)
             async with kafka.translated_errors(self.settings):
                 await self._producer.start()
                 await self._consumer.start()
         except BaseException:
             await self._consumer.stop()
             await self._producer.stop()
+            self.metrics.close()
             self.runner.close()
             raise
-        # What start-up made (modules, the model, torch's state) lives as long as the process: keep it out of
-        # the cyclic collector's scans, which the hot path's allocations would otherwise trigger on the whole heap.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*_GC_THRESHOLDS)
         self._commits.start()
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name="streamer-fetch"),
@@ -158,8 +163,6 @@ class Worker:
         ]
         self._reporter = asyncio.create_task(self._report_loop(), name="streamer-report")
         if self.settings.metrics_port is not None:
-            port = self.metrics.serve(self.settings.metrics_port)
-            log.info("metrics on http://0.0.0.0:%d/metrics", port)
             self._watcher = asyncio.create_task(self.telemetry.run(self._consumer, self._scaling_capacity),
                                                 name="streamer-telemetry")
         capacity = ""
