@@ -27,7 +27,7 @@ async def main() -> None:
     ap.add_argument("--variant", default="streamer")
     ap.add_argument("--label", required=True)
     ap.add_argument("--requests", type=int, default=60_000)
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -39,7 +39,7 @@ async def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         svg = args.out / f"flame-{args.label}.svg"
         rec = await asyncio.create_subprocess_exec(
-            spy, "record", "-p", str(run.proc.pid), "-d", str(args.seconds), "-r", "250", "-o", str(svg),
+            spy, "record", "-p", str(run.proc.pid), "-d", str(round(args.seconds)), "-r", "250", "-o", str(svg),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         result = await run.drive(args.requests, None)
         await rec.wait()

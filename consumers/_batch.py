@@ -111,6 +111,12 @@ class Batch:
         r, rid = self.records[i], self.ids[i]
         return f"{r.topic}-{r.partition}@{r.offset} (request {(rid or '?')[:128]})"
 
+    def timing(self, i: int) -> tuple[float, int, float]:
+        """(queue ms, batch size, model ms) of record ``i``'s result: the wait of its run, from its arrival to
+        the batch's start; the size and model time of the batch's model run."""
+        st = self.stats
+        return max(0.0, self.started - self.runs[self.run_of[i]].arrived) * 1000, st.runnable, st.inference_s * 1000
+
     def count(self) -> BatchStats:
         """Fill in the batch's statuses and dead letters by code, once its outcomes are final."""
         st = self.stats

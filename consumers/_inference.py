@@ -169,7 +169,7 @@ class BatchRunner:
     def finish(self, batch: Batch) -> None:
         """Encode what the model answered into the records to send (on the loop, off the model's path)."""
         if batch.answers is not None:
-            self._finish(batch, batch.runnable, batch.answers, batch.started, batch.stats.inference_s)
+            self._finish(batch, batch.answers)
             batch.answers = None
 
     # -- decode and check, on the loop ------------------------------------------------------------------
@@ -228,17 +228,17 @@ class BatchRunner:
                             stage=self.route.stage)))
 
     # -- outputs to records ---------------------------------------------------------------------------
-    def _finish(self, batch: Batch, runnable: list[int], answers: list[Any], start: float, model_s: float) -> None:
-        route, n = self.route, len(runnable)
-        inference_ms = model_s * 1000
-        # Per run of records (one partition's, fetched together): the queue wait, and the stage's trail entry.
+    def _finish(self, batch: Batch, answers: list[Any]) -> None:
+        route, runnable = self.route, batch.runnable
+        n, inference_ms = len(runnable), batch.stats.inference_s * 1000
+        # Per run of records (one partition's, fetched together): the timings, and the stage's trail entry.
         per_run: dict[int, tuple[float, int, float]] = {}
         counts: dict[int, int] = {}
         for i in runnable:
             k = batch.run_of[i]
             counts[k] = counts.get(k, 0) + 1
             if k not in per_run:
-                per_run[k] = (max(0.0, start - batch.runs[k].arrived) * 1000, n, inference_ms)
+                per_run[k] = batch.timing(i)
         batch.stats.queue_waits = [(per_run[k][0] / 1000, c) for k, c in counts.items()]
         timings = [per_run[batch.run_of[i]] for i in runnable]
         trails: list[list[WireTiming]] | None = None

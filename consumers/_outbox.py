@@ -153,20 +153,13 @@ class Outbox:
                     self._no_reply(batch, i, "undeliverable", f"error result of {size} bytes is over the record limit")
                     return None
                 self.runner.fail(batch, i, "model_error", f"result of {size} bytes is over the {self.max_bytes}-byte "
-                                 "record limit (max_record_bytes)", self._timings(batch, i))
+                                 "record limit (max_record_bytes)", batch.timing(i))
                 continue
             return RESULT, topic, partition
         return None
 
     def _key(self, key: bytes | None) -> bytes | None:
         return key if key is None or len(key) <= self.max_bytes // 4 else None
-
-    @staticmethod
-    def _timings(batch: Batch, i: int) -> tuple[float, int, float]:
-        """(queue ms, batch size, model ms) of record ``i``, as its result carried them."""
-        st = batch.stats
-        wait_ms = max(0.0, batch.started - batch.runs[batch.run_of[i]].arrived) * 1000
-        return wait_ms, st.runnable, st.inference_s * 1000
 
     def _no_reply(self, batch: Batch, i: int, code: str, why: str) -> None:
         """The result cannot be sent: the dead letter says why (once: an error result's stays as it is)."""
