@@ -126,7 +126,7 @@ class BatchRunner:
     async def run(self, batch: Batch) -> None:
         """Decide every record of ``batch``: its encoded result or stage message, or its dead letter."""
         self.check(batch)
-        await self.infer(batch)
+        await self.infer_soon(batch)
         self.finish(batch)
 
     def check(self, batch: Batch) -> None:
@@ -134,10 +134,6 @@ class BatchRunner:
         batch (``runnable``, ``inputs``); the others are decided already."""
         batch.started = time.monotonic()
         batch.runnable, batch.inputs = self._check(batch)
-
-    async def infer(self, batch: Batch) -> None:
-        """The model on the batch's runnable items (see :meth:`infer_soon`)."""
-        await self.infer_soon(batch)
 
     def infer_soon(self, batch: Batch) -> Awaitable[None]:
         """Start the model on the batch's runnable items: on the model thread at once (the loop meanwhile

@@ -35,7 +35,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from schemas import CONTENT_TYPE_HEADER, REQUEST_ID_HEADER, SCHEMA_HEADER, SCHEMA_VERSION, RoutingHeaders
+from schemas import RoutingHeaders
 from streamer.config import WorkerSettings
 from streamer.metrics import WorkerMetrics
 
@@ -54,7 +54,6 @@ _RECORD_ERRORS = (MessageSizeTooLargeError, InvalidTopicError, TopicAuthorizatio
 # the topic is gone (a metadata request), else the cluster's.
 _MAYBE_GONE = (UnknownTopicOrPartitionError, NotLeaderForPartitionError, LeaderNotAvailableError)
 _HEADERS_SIZE = 200  # routing headers of a result or stage message, generously
-_RESULT_HEADERS = [(SCHEMA_HEADER, str(SCHEMA_VERSION).encode()), (CONTENT_TYPE_HEADER, b"application/msgpack")]
 # What the producer may raise when a record is handed to it; AssertionError: a partition it does not know.
 _SEND_ERRORS = (*_RECORD_ERRORS, *_MAYBE_GONE, AssertionError, ValueError)
 RESULT, FORWARD, DEAD_LETTER = "result", "forward", "dead_letter"
@@ -196,7 +195,7 @@ class Outbox:
             return rec.key, value, RoutingHeaders(msg.id, msg.reply_to).build()
         rid = batch.ids[i]
         assert rid is not None
-        return self._key(rec.key), value, [*_RESULT_HEADERS, (REQUEST_ID_HEADER, rid.encode())]
+        return self._key(rec.key), value, RoutingHeaders(rid, None).build()
 
     async def _send_group(self, batch: Batch, kind: str, topic: str, partition: int | None, idx: list[int],
                           producer: AIOKafkaProducer, sent: list[Delivery]) -> list[int]:

@@ -48,6 +48,7 @@ class DeadLetterHeaders:
     HEADERS_DROPPED: Final = "streamer-headers-dropped"
 
 Headers = Sequence[tuple[str, bytes | None]]
+_BASE_HEADERS = ((SCHEMA_HEADER, str(SCHEMA_VERSION).encode()), (CONTENT_TYPE_HEADER, b"application/msgpack"))
 
 
 class Route(Protocol):
@@ -81,7 +82,7 @@ class RoutingHeaders:
 
     def build(self) -> list[tuple[str, bytes]]:
         """Kafka headers for a request or stage message: the schema version and the routing facts."""
-        headers = [(SCHEMA_HEADER, str(SCHEMA_VERSION).encode()), (CONTENT_TYPE_HEADER, b"application/msgpack")]
+        headers = [*_BASE_HEADERS]
         if self.request_id is not None:
             headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
         if self.reply_to is not None:
