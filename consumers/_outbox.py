@@ -18,7 +18,6 @@ at a time, so that only the record at fault fails.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from aiokafka.errors import (
     LeaderNotAvailableError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
-    ProducerClosed,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
 
 from schemas import RoutingHeaders
 from streamer.config import WorkerSettings
+from streamer.kafka import KeyPartitions, append_open, append_record
 from streamer.metrics import WorkerMetrics
 
 from ._batch import FORWARDED, Batch, DeadLetter, Route
@@ -86,7 +85,7 @@ class Outbox:
         self._too_large: set[tuple[TopicPartition, int]] = set()
         # Records of a record batch the cluster refused as too large inside a transaction: redone, each alone.
         self._alone: set[tuple[TopicPartition, int]] = set()
-        self._partitions: dict[tuple[str, int], dict[bytes, int]] = {}  # (topic, partition count) -> key -> partition
+        self._partitions = KeyPartitions()
 
     async def publish(self, batch: Batch, producer: AIOKafkaProducer,
                       indices: Sequence[int] | None = None) -> list[Delivery]:
@@ -168,23 +167,6 @@ class Outbox:
         batch.values[i] = None
         batch.status[i] = None
 
-    def _partition(self, producer: AIOKafkaProducer, topic: str, key: bytes | None) -> int:
-        """The producer's partitioner's choice for ``key``, remembered per key while the partition count holds."""
-        count = len(producer.client.cluster.partitions_for_topic(topic) or ())
-        if key is None or not count:
-            return int(producer._partition(topic, None, None, None, key, None))
-        cache = self._partitions.get((topic, count))
-        if cache is None:
-            if len(self._partitions) > 1000:
-                self._partitions.clear()
-            cache = self._partitions[(topic, count)] = {}
-        p = cache.get(key)
-        if p is None:
-            if len(cache) > 100_000:
-                cache.clear()
-            p = cache[key] = int(producer._partition(topic, None, None, None, key, None))
-        return p
-
     # -- sending ------------------------------------------------------------------------------------
     def _record(self, batch: Batch, i: int, kind: str) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
         rec, value = batch.records[i], batch.values[i]
@@ -207,7 +189,7 @@ class Outbox:
         if partition is None:  # by key: split by the partition each key goes to
             parts: dict[int, list[int]] = {}
             for i in idx:
-                parts.setdefault(self._partition(producer, topic, batch.records[i].key), []).append(i)
+                parts.setdefault(self._partitions.partition(producer, topic, batch.records[i].key), []).append(i)
         else:
             parts = {partition: idx}
         retry: list[int] = []
@@ -224,12 +206,13 @@ class Outbox:
                     retry += await self._submit(batch, kind, topic, p, [i], producer, sent)
                     continue
                 key, value, headers = self._record(batch, i, kind)
-                if current is None or current._builder.append(timestamp=None, key=key, value=value,
-                                                              headers=headers) is None:
+                into = append_open(producer, tp, key, value, headers) or await append_record(
+                    producer, tp, key, value, headers)
+                if into is not current:
                     if chunk:
                         sent.append(Delivery(current.future, batch, kind, topic, p, chunk))
                         chunk = []
-                    current = await _batch_with_room(producer, tp, key, value, headers)
+                    current = into
                 chunk.append(i)
             if chunk:
                 sent.append(Delivery(current.future, batch, kind, topic, p, chunk))
@@ -325,31 +308,3 @@ class Outbox:
             if d is not None:
                 out.append(d)
         return out
-
-
-async def _batch_with_room(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | None, value: bytes,
-                           headers: list[tuple[str, bytes]]) -> Any:
-    """The producer's open record batch for ``tp`` with the record appended: the one the sender has not taken
-    yet, else a new one. Records of several worker batches so share a produce request while the last one is
-    in flight, as ``producer.send`` would, without its per-record future and coroutine. Like ``send``, waits
-    (at most ``request_timeout_ms``) while a full batch for ``tp`` waits for the sender.
-
-    Reads aiokafka's (pinned, 0.14) message accumulator: ``_batches``, ``_append_batch``, ``MessageBatch._builder``.
-    """
-    acc = producer._message_accumulator
-    timeout = producer._request_timeout_ms / 1000
-    while True:
-        if acc._closed:
-            raise ProducerClosed()
-        if acc._exception is not None:
-            raise copy.copy(acc._exception)
-        pending = acc._batches.get(tp)
-        if pending:
-            last = pending[-1]
-            if last._builder.append(timestamp=None, key=key, value=value, headers=headers) is not None:
-                return last
-            await last.wait_drain(timeout)  # full: back-pressure, as send has
-            continue
-        batch = acc._append_batch(acc.create_builder(), tp)  # wakes the sender
-        batch._builder.append(timestamp=None, key=key, value=value, headers=headers)  # the first record always fits
-        return batch

@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from aiokafka.helpers import create_ssl_context
 
 from . import _records
+from ._produce import KeyPartitions, append_open, append_record
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, TlsFailed
 from .partitioners import make_partitioner
@@ -21,9 +22,12 @@ from .partitioners import make_partitioner
 _records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
 
 __all__ = [
+    "KeyPartitions",
     "TopicSpec",
     "admin",
     "admin_client",
+    "append_open",
+    "append_record",
     "client_kwargs",
     "committed_offsets",
     "consumer",

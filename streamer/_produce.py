@@ -1,0 +1,84 @@
+"""Producing records the way the data is shaped: appended to the producer's open record batch per partition.
+
+``producer.send`` costs a coroutine, a future and a partitioner call per record. Where records come in
+batches (a worker's results, a client's stream of requests) they are appended to the accumulator's open
+record batch of each destination partition instead, with one delivery future per record batch, and the
+partition of each key is remembered. Both read aiokafka's (pinned, 0.14) internals; the tests of the worker
+and the client cover them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ProducerClosed
+
+__all__ = ["KeyPartitions", "append_open", "append_record"]
+
+
+async def append_record(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | None, value: bytes,
+                        headers: list[tuple[str, bytes]]) -> Any:
+    """The producer's open record batch for ``tp`` with the record appended: the one the sender has not taken
+    yet, else a new one. Records so share a produce request while the last one is in flight, as
+    ``producer.send`` would, without its per-record future and coroutine. Like ``send``, waits (at most
+    ``request_timeout_ms``) while a full batch for ``tp`` waits for the sender. The record batch's ``future``
+    resolves when it is written (or fails).
+
+    Reads aiokafka's message accumulator: ``_batches``, ``_append_batch``, ``MessageBatch._builder``.
+    """
+    acc = producer._message_accumulator
+    timeout = producer._request_timeout_ms / 1000
+    while True:
+        if acc._closed:
+            raise ProducerClosed()
+        if acc._exception is not None:
+            raise copy.copy(acc._exception)
+        pending = acc._batches.get(tp)
+        if pending:
+            last = pending[-1]
+            if last._builder.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+                return last
+            await last.wait_drain(timeout)  # full: back-pressure, as send has
+            continue
+        batch = acc._append_batch(acc.create_builder(), tp)  # wakes the sender
+        batch._builder.append(timestamp=None, key=key, value=value, headers=headers)  # the first record always fits
+        return batch
+
+
+def append_open(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | None, value: bytes,
+                headers: list[tuple[str, bytes]]) -> Any:
+    """Appends to the open record batch of ``tp`` (one the sender has not taken) if there is one with room, and
+    returns it; else None (then :func:`append_record`). Never a batch the sender took: it has its sequence
+    numbers by then, and a record added after would break the idempotent producer's sequence."""
+    pending = producer._message_accumulator._batches.get(tp)
+    if pending:
+        last = pending[-1]
+        if last._builder.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+            return last
+    return None
+
+
+class KeyPartitions:
+    """The producers' partitioner's choice for each key, remembered while the topic's partition count holds
+    (for producers made alike, by :func:`streamer.kafka.producer` from one configuration)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], dict[bytes, int]] = {}  # (topic, partition count) -> key -> partition
+
+    def partition(self, producer: AIOKafkaProducer, topic: str, key: bytes | None) -> int:
+        count = len(producer.client.cluster.partitions_for_topic(topic) or ())
+        if key is None or not count:
+            return int(producer._partition(topic, None, None, None, key, None))
+        cache = self._cache.get((topic, count))
+        if cache is None:
+            if len(self._cache) > 1000:
+                self._cache.clear()
+            cache = self._cache[(topic, count)] = {}
+        p = cache.get(key)
+        if p is None:
+            if len(cache) > 100_000:
+                cache.clear()
+            p = cache[key] = int(producer._partition(topic, None, None, None, key, None))
+        return p
