@@ -2,7 +2,17 @@
 
 from ._codec import DTYPES, TENSOR_EXT_CODE, Codec, Limits
 from ._errors import DecodeError, LimitExceeded, SchemaError, WireError
-from ._fast import FAST_LIMITS, FastReader, ResultWriter, WireReply, WireRequest, WireStage, WireTiming
+from ._fast import (
+    FAST_LIMITS,
+    FastReader,
+    RequestWriter,
+    ResultReader,
+    ResultWriter,
+    WireReply,
+    WireRequest,
+    WireStage,
+    WireTiming,
+)
 from ._headers import (
     CONTENT_TYPE_HEADER,
     REPLY_PARTITION_HEADER,
@@ -51,6 +61,8 @@ __all__ = [
     "LimitExceeded",
     "Limits",
     "ReplyTo",
+    "RequestWriter",
+    "ResultReader",
     "ResultWriter",
     "RoutingHeaders",
     "SchemaError",

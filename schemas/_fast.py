@@ -1,5 +1,6 @@
 """The hot path's codec: requests and stage messages decoded without a pydantic model, results and
-stage messages encoded from precomputed bytes. The same wire format as the models in ``_models``.
+stage messages encoded from precomputed bytes (the worker's side); requests encoded the same way and
+results read with msgspec's help (the client's side). The same wire format as the models in ``_models``.
 
 Decoding: ``msgspec`` reads the message envelope (ids, names, route, times) into a Struct in C, with
 the model's constraints; ``inputs``/``payload`` are kept as raw msgpack and read by :meth:`Codec.unpack`
@@ -14,8 +15,8 @@ Encoding: an ``ok`` result is the same bytes as ``Codec.encode_result`` of the e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args
 
 import msgpack
 import msgspec
@@ -23,9 +24,18 @@ import numpy as np
 
 from ._codec import _CODES, Codec, _encode_tensor
 from ._errors import WireError
-from ._models import MAX_ID_CHARS, MAX_NAME_CHARS, now_ms
+from ._models import (
+    MAX_ID_CHARS,
+    MAX_NAME_CHARS,
+    ErrorCode,
+    InferenceRequest,
+    InferenceResult,
+    ReplyTo,
+    now_ms,
+    valid_request_id,
+)
 
-__all__ = ["FastReader", "ResultWriter", "WireRequest", "WireStage", "WireTiming"]
+__all__ = ["FastReader", "RequestWriter", "ResultReader", "ResultWriter", "WireRequest", "WireStage", "WireTiming"]
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -252,3 +262,133 @@ class ResultWriter:
         packed: bytes = self._pack(_timing_map(t))
         self._maps[id(t)] = (t, packed)
         return packed
+
+
+# -- the client's side ------------------------------------------------------------------------------------
+class _WireErrorInfo(msgspec.Struct, forbid_unknown_fields=True):
+    code: Literal[get_args(ErrorCode)]  # type: ignore[valid-type]
+    message: str
+    stage: str | None = None
+
+
+class _WireTimings(msgspec.Struct, forbid_unknown_fields=True):
+    queue_ms: _NonNeg
+    batch_size: _Ms
+    inference_ms: _NonNeg
+
+
+class WireResult(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A result's envelope as the client reads it; the outputs are read apart (see :class:`ResultReader`)."""
+
+    id: _Id
+    model: str
+    model_version: str = ""
+    status: Literal["ok", "error", "expired"]
+    outputs: msgspec.Raw = _NIL
+    error: _WireErrorInfo | None = None
+    timings: _WireTimings | None = None
+    stages: Annotated[list[WireTiming], msgspec.Meta(max_length=16)] | None = None
+    worker: str = ""
+    created_ms: _Ms | msgspec.UnsetType = msgspec.UNSET
+
+
+class ResultReader:
+    """Reads results to :class:`InferenceResult`: the envelope checked by msgspec in C, the outputs read with
+    every limit, the model built from plain values. Whatever msgspec does not take as it is goes to
+    :meth:`Codec.decode_result`, which decides (and says why), so both always agree."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._decoder = msgspec.msgpack.Decoder(WireResult)
+        self._values = FastReader(codec)
+
+    def result(self, data: bytes) -> InferenceResult:
+        if self._values.enabled and len(data) <= self.codec.limits.max_message_bytes:
+            try:
+                m = self._decoder.decode(data)
+                fields: dict[str, Any] = {"id": m.id, "model": m.model, "model_version": m.model_version,
+                                          "status": m.status, "outputs": self._values._value(m.outputs),
+                                          "worker": m.worker}
+                if m.error is not None:
+                    e = m.error
+                    fields["error"] = {"code": e.code, "message": e.message, "stage": e.stage}
+                if m.timings is not None:
+                    t = m.timings
+                    fields["timings"] = {"queue_ms": t.queue_ms, "batch_size": t.batch_size,
+                                         "inference_ms": t.inference_ms}
+                if m.stages is not None:
+                    fields["stages"] = [_timing_map(x) for x in m.stages]
+                if m.created_ms is not msgspec.UNSET:
+                    fields["created_ms"] = m.created_ms
+                return InferenceResult.model_validate(fields)
+            except Exception:  # noqa: BLE001 - anything at all: the models decide, and say why
+                pass
+        return self.codec.decode_result(data)
+
+
+class RequestWriter:
+    """Encodes a client's requests: the bytes of ``Codec.encode_request(InferenceRequest(...))``, with what a
+    client's requests share (its reply route, a model name, metadata) packed once. Whatever it cannot take as
+    it is (an invalid field, inputs msgpack cannot pack as they are) goes to the model, which decides."""
+
+    def __init__(self, codec: Codec, reply_to: ReplyTo | None) -> None:
+        self.codec = codec
+        p = msgpack.Packer(default=codec._packer_default, use_bin_type=True)
+        self._pack = p.pack
+        self.reply_to = reply_to
+        self._reply = b"" if reply_to is None else (
+            p.pack("reply_to") + p.pack({"topic": reply_to.topic, "partition": reply_to.partition}))
+        self._id_key, self._inputs_key, self._key_key = p.pack("id"), p.pack("inputs"), p.pack("key")
+        self._deadline_key, self._created_key = p.pack("deadline_ms"), p.pack("created_ms")
+        self._models: dict[str, bytes] = {}  # valid model names, packed with their key
+        self._no_metadata: bytes = p.pack("metadata") + p.pack({})
+        self._max = codec.limits.max_message_bytes
+        self._tensor = _TensorPrefix()
+
+    def metadata(self, metadata: Mapping[str, Any] | None) -> bytes | None:
+        """The packed ``metadata`` part of requests that carry ``metadata``, validated by the model's own field;
+        None: not valid (the model says why when a request is encoded with it)."""
+        if not metadata:
+            return self._no_metadata
+        try:
+            checked = InferenceRequest.model_validate({"id": "x", "model": "x", "inputs": None,
+                                                       "metadata": metadata}).metadata
+        except ValueError:
+            return None
+        part: bytes = self._pack("metadata") + self._pack(checked)
+        return part
+
+    def request(self, rid: str, model: str, inputs: Any, key: str | None, deadline_ms: int | None,
+                created_ms: int, metadata: Mapping[str, Any] | None, metadata_part: bytes | None) -> bytes:
+        """One request's bytes; ``metadata_part`` is :meth:`metadata` of ``metadata``. Raises what the model
+        raises for an invalid request, and the codec's :class:`LimitExceeded` for one over the size limit."""
+        model_part = self._models.get(model)
+        if model_part is None and type(model) is str and 0 < len(model) <= MAX_NAME_CHARS:
+            if len(self._models) > 1000:
+                self._models.clear()
+            model_part = self._models[model] = self._pack("model") + self._pack(model)
+        if (model_part is not None and metadata_part is not None and valid_request_id(rid)
+                and (key is None or (type(key) is str and len(key) <= 1024))
+                and (deadline_ms is None or (type(deadline_ms) is int and deadline_ms >= 0))
+                and type(created_ms) is int and created_ms >= 0):
+            pack = self._pack
+            try:
+                body = self._tensor.pack(inputs) or pack(inputs)
+            except (TypeError, ValueError, OverflowError):
+                pass  # the model's encoding decides (it also knows pydantic models and dataclasses)
+            else:
+                n = 5 + (key is not None) + (self.reply_to is not None) + (deadline_ms is not None)
+                parts = [bytes([0x80 | n]), self._id_key, pack(rid), model_part, self._inputs_key, body]
+                if key is not None:
+                    parts += (self._key_key, pack(key))
+                parts.append(self._reply)
+                if deadline_ms is not None:
+                    parts += (self._deadline_key, pack(deadline_ms))
+                parts += (self._created_key, pack(created_ms), metadata_part)
+                value = b"".join(parts)
+                if len(value) > self._max:
+                    raise self.codec.limit_error(len(value))
+                return value
+        return self.codec.encode_request(InferenceRequest(
+            id=rid, model=model, inputs=inputs, key=key, reply_to=self.reply_to, deadline_ms=deadline_ms,
+            created_ms=created_ms, metadata=metadata or {}))

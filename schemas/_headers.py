@@ -8,7 +8,7 @@ cannot be used is treated as absent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -90,6 +90,14 @@ class RoutingHeaders:
             if self.reply_to.partition is not None:
                 headers.append((REPLY_PARTITION_HEADER, str(self.reply_to.partition).encode()))
         return headers
+
+    @staticmethod
+    def for_route(reply_to: Route | None) -> Callable[[str], list[tuple[str, bytes]]]:
+        """``lambda rid: RoutingHeaders(rid, reply_to).build()``, with what does not change packed once: the
+        headers of a client's requests, which all carry its reply route."""
+        fixed = RoutingHeaders(None, reply_to).build()
+        head, tail = fixed[:len(_BASE_HEADERS)], fixed[len(_BASE_HEADERS):]
+        return lambda rid: [*head, (REQUEST_ID_HEADER, rid.encode()), *tail]
 
     @classmethod
     def parse(cls, headers: Headers | None) -> RoutingHeaders:

@@ -12,8 +12,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import Codec, InferenceResult, Limits, StageMessage, StageTiming, Timings, WireError
-from schemas._fast import FastReader, ResultWriter, WireRequest, WireStage, WireTiming, _array_header
+from schemas import (
+    Codec,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResult,
+    Limits,
+    ReplyTo,
+    StageMessage,
+    StageTiming,
+    Timings,
+    WireError,
+)
+from schemas._fast import (
+    FastReader,
+    RequestWriter,
+    ResultReader,
+    ResultWriter,
+    WireRequest,
+    WireStage,
+    WireTiming,
+    _array_header,
+)
 
 INTS = st.integers(-(2**63), 2**64 - 1)
 SMALL = Limits(max_depth=5, max_str_bytes=4096, max_container_len=16, max_message_bytes=30_000)
@@ -37,11 +57,12 @@ def _maybe(s: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 _reply = st.one_of(st.none(), st.fixed_dictionaries(
     {"topic": _maybe(st.text(min_size=1, max_size=12))},
     optional={"partition": _maybe(st.integers(-2, 2**31)), "extra": _scalars}))
-_timing = st.fixed_dictionaries({"stage": _maybe(st.text(max_size=5)), "worker": _maybe(st.text(max_size=5)),
+_trail_entry = st.fixed_dictionaries({"stage": _maybe(st.text(max_size=5)), "worker": _maybe(st.text(max_size=5)),
                                  "queue_ms": _maybe(st.one_of(st.floats(min_value=0), st.integers(0, 9))),
                                  "batch_size": _maybe(st.integers(0, 64)),
                                  "inference_ms": _maybe(st.floats(min_value=0, max_value=1e6)),
                                  "done_ms": _maybe(st.integers(0, 2**41))})
+_trails = st.one_of(st.lists(_trail_entry, max_size=2), st.lists(_trail_entry, min_size=15, max_size=17))
 _common = {"key": _maybe(st.one_of(st.text(max_size=20), st.text(min_size=1000, max_size=1030))),
            "reply_to": _maybe(_reply),
            "deadline_ms": _maybe(st.integers(-1, 2**62)),
@@ -56,7 +77,7 @@ _stages = st.fixed_dictionaries(
      "stage": _maybe(st.text(min_size=1, max_size=8)), "payload": _values,
      "created_ms": _maybe(st.integers(0, 2**41))},
     optional={**_common,
-              "trail": _maybe(st.one_of(st.lists(_timing, max_size=2), st.lists(_timing, min_size=15, max_size=17)))})
+              "trail": _maybe(_trails)})
 
 
 def _drop_some(d: dict[str, Any], drop: list[str]) -> dict[str, Any]:
@@ -209,3 +230,106 @@ def test_forwarded_stage_messages_are_the_bytes_of_the_model(raw: dict[str, Any]
 def test_array_headers_are_msgpacks(n: int) -> None:
     whole = msgpack.packb([None] * n)
     assert _array_header(n) == whole[: len(whole) - n]
+
+
+# -- the client's side: results read, requests written ------------------------------------------------------
+_error = st.fixed_dictionaries({"code": _maybe(st.sampled_from(["bad_input", "model_error", "nope"])),
+                                "message": _maybe(st.text(max_size=10))},
+                               optional={"stage": _maybe(st.text(max_size=4)), "extra": _scalars})
+_timings = st.fixed_dictionaries({"queue_ms": _maybe(st.one_of(st.floats(), st.integers(-1, 9))),
+                                  "batch_size": _maybe(st.integers(-1, 64)),
+                                  "inference_ms": _maybe(st.floats(min_value=0, max_value=1e6))})
+_results = st.fixed_dictionaries(
+    {"id": _maybe(st.text(min_size=1, max_size=130)), "model": _maybe(st.text(max_size=8)),
+     "status": _maybe(st.sampled_from(["ok", "error", "expired", "maybe"]))},
+    optional={"model_version": _maybe(st.text(max_size=4)), "outputs": _values, "error": _maybe(_error),
+              "timings": _maybe(_timings),
+              "stages": _maybe(_trails),
+              "worker": _maybe(st.text(max_size=4)), "created_ms": _maybe(st.integers(-1, 2**41)),
+              "unknown": _scalars})
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(_bytes(_results))
+def test_results_read_the_same_by_the_client_reader_and_the_models(data: bytes) -> None:
+    codec = Codec(SMALL)
+    fast = _outcome(ResultReader(codec).result, data)
+    slow = _outcome(codec.decode_result, data)
+    assert fast[0] == slow[0], (fast, slow)
+    if fast[0] == "error":
+        assert fast[1] == slow[1]
+        return
+    a, b = fast[1].model_dump(), slow[1].model_dump()
+    if "created_ms" not in msgpack.unpackb(data, strict_map_key=False, ext_hook=lambda c, d: None):
+        a.pop("created_ms"), b.pop("created_ms")  # absent: each reads the clock
+    assert _same(a, b), (a, b)
+
+
+def test_usual_results_take_the_fast_path() -> None:
+    codec = Codec()
+    calls: list[bytes] = []
+    codec.decode_result = lambda data: calls.append(data)  # type: ignore[method-assign,assignment,func-returns-value]
+    reader = ResultReader(codec)
+    ok = InferenceResult(id="r1", model="m", model_version="1", status="ok", outputs=np.arange(3, dtype=np.float32),
+                         timings=Timings(queue_ms=1.0, batch_size=2, inference_ms=0.5), worker="w", created_ms=7)
+    got = reader.result(Codec().encode_result(ok))
+    assert got.id == "r1" and got.timings == ok.timings and _same(got.outputs, ok.outputs)
+    bad = InferenceResult(id="r2", model="m", status="error", error=ErrorInfo(code="bad_input", message="no"),
+                          created_ms=7)
+    assert reader.result(Codec().encode_result(bad)) == bad
+    assert calls == []
+
+
+_meta = st.one_of(st.none(), st.dictionaries(st.text(max_size=6), st.one_of(st.none(), st.booleans(), INTS,
+                                                                               st.floats(), st.text(max_size=6)),
+                                              max_size=3),
+                  st.just({"x": [1]}), st.just({1: "x"}))
+_inputs = st.one_of(_values, _out, st.builds(lambda n: np.arange(n, dtype=">i4"), st.integers(0, 4)),
+                    st.builds(lambda n: np.arange(2 * n, dtype=np.int64)[::2], st.integers(0, 4)),
+                    st.just({1, 2}), st.just(StageTiming(stage="s", worker="w", queue_ms=1, batch_size=1,
+                                                         inference_ms=1, done_ms=1)))
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(rid=st.one_of(st.text(min_size=1, max_size=130), st.just(""), st.integers(0, 3)),
+       model=st.one_of(st.text(max_size=8), st.text(min_size=250, max_size=260), st.none()), inputs=_inputs,
+       key=st.one_of(st.none(), st.text(max_size=8), st.text(min_size=1020, max_size=1030), st.integers(0, 2)),
+       reply=st.one_of(st.none(), st.builds(ReplyTo, topic=st.just("t.r"), partition=st.one_of(st.none(), st.just(3)))),
+       deadline=st.one_of(st.none(), st.integers(-1, 2**62), st.just(True)), created=st.integers(0, 2**41),
+       metadata=_meta)
+def test_requests_written_by_the_client_are_the_bytes_of_the_model(rid: Any, model: Any, inputs: Any, key: Any,
+                                                                   reply: Any, deadline: Any, created: int,
+                                                                   metadata: Any) -> None:
+    """The client's writer and the model write the same bytes, or raise the same error."""
+    codec = Codec(Limits(max_message_bytes=2000))
+    writer = RequestWriter(codec, reply)
+
+    def fast() -> bytes:
+        return writer.request(rid, model, inputs, key, deadline, created, metadata, writer.metadata(metadata))
+
+    def slow() -> bytes:
+        return codec.encode_request(InferenceRequest(id=rid, model=model, inputs=inputs, key=key, reply_to=reply,
+                                                     deadline_ms=deadline, created_ms=created,
+                                                     metadata=metadata or {}))
+
+    outcomes = []
+    for write in (fast, slow):
+        try:
+            outcomes.append(("ok", write()))
+        except Exception as exc:  # noqa: BLE001 - the same exception, whatever it is
+            outcomes.append(("error", type(exc), str(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_usual_requests_take_the_fast_path() -> None:
+    codec = Codec()
+    calls: list[Any] = []
+    codec.encode_request = lambda request: calls.append(request)  # type: ignore[method-assign,assignment,func-returns-value]
+    writer = RequestWriter(codec, ReplyTo(topic="r"))
+    meta = writer.metadata({"tenant": "a", "n": 1})
+    for inputs in (np.arange(16, dtype=np.float32), "some text", [1, 2, 3], {"ids": np.arange(4, dtype=np.int32)}):
+        value = writer.request("id-1", "m", inputs, "k", 5, 6, {"tenant": "a", "n": 1}, meta)
+        assert value == Codec().encode_request(InferenceRequest(id="id-1", model="m", inputs=inputs, key="k",
+                                                                reply_to=ReplyTo(topic="r"), deadline_ms=5,
+                                                                created_ms=6, metadata={"tenant": "a", "n": 1}))
+    assert calls == []
