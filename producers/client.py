@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -23,19 +25,20 @@ from schemas import (
     InferenceResult,
     Limits,
     ReplyTo,
+    RequestWriter,
     RoutingHeaders,
-    new_request_id,
     now_ms,
 )
 from streamer import kafka
 from streamer.config import ClientSettings, load_settings
-from streamer.errors import InferenceError, InferenceTimeout
+from streamer.errors import InferenceError
 
-from ._replies import ReplyRouter
+from ._replies import ReplyRouter, Sink
 
 __all__ = ["StreamerClient", "request_headers"]
 
 _REPLY_RETENTION_MS = str(60 * 60 * 1000)
+_CHUNK = 256  # the most inputs of a stream encoded and handed to the producer in one go
 
 
 def request_headers(request: InferenceRequest) -> list[tuple[str, bytes]]:
@@ -66,8 +69,16 @@ class StreamerClient:
         self._producer = kafka.producer(self.settings, client_id=cid, linger_ms=0)
         # read_committed: results of aborted transactions (exactly-once workers) are never seen.
         self._consumer = kafka.consumer(self.settings, client_id=cid, group_id=None, isolation_level="read_committed")
-        self._router = ReplyRouter(self._consumer, self.codec)
-        self._window = asyncio.Semaphore(self.settings.max_in_flight)
+        self._router = ReplyRouter(self._consumer, self.codec, self.settings.max_in_flight)
+        self._writer = RequestWriter(self.codec, self.reply_to)
+        self._headers = RoutingHeaders.for_route(self.reply_to)
+        self._partitions = kafka.KeyPartitions()
+        self._tps: dict[int, TopicPartition] = {}
+        self._open: dict[TopicPartition, tuple[Any, list[str]]] = {}  # the record batch being filled, its ids
+        self._known: set[str] = set()
+        # Request ids: 80 random bits for this client, then a counter (unique without a uuid per request).
+        self._id_prefix = uuid.uuid4().hex[:20]
+        self._counter = itertools.count()
         self._started = False
 
     @property
@@ -133,48 +144,23 @@ class StreamerClient:
     ) -> asyncio.Future[InferenceResult]:
         """Publish one request; the future resolves to its result (any status) or raises
         :class:`InferenceTimeout`. Cancelling the future abandons the request."""
-        if not self._started:
-            raise RuntimeError("the client is not started: use 'async with StreamerClient(...)'")
+        self._check_started()
+        if self._router.full:
+            await self._router.room()
         timeout = timeout_s if timeout_s is not None else self.settings.timeout_s
         created = now_ms()
-        request = InferenceRequest(
-            id=request_id or new_request_id(),
-            model=model,
-            inputs=inputs,
-            key=key,
-            reply_to=self.reply_to,
-            deadline_ms=deadline_ms if deadline_ms is not None else created + int(timeout * 1000),
-            created_ms=created,
-            metadata=metadata or {},
-        )
-        value = self.codec.encode_request(request)
-        await self._window.acquire()
+        rid = request_id if request_id is not None else self._next_id()
+        value = self._writer.request(rid, model, inputs, key, deadline_ms if deadline_ms is not None
+                                     else created + int(timeout * 1000), created, metadata,
+                                     self._writer.metadata(metadata))
+        fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
+        self._router.expect(rid, fut, timeout)
+        fut.add_done_callback(functools.partial(self._abandoned, rid))
         try:
-            fut = self._router.expect(request.id)
-        except BaseException:
-            self._window.release()
-            raise
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout, self._time_out, fut, request.id, timeout)
-
-        def _done(f: asyncio.Future[InferenceResult]) -> None:
-            timer.cancel()
-            self._window.release()
-            if f.cancelled():
-                self._router.forget(request.id)
-
-        fut.add_done_callback(_done)
-        try:
-            delivery = await self._producer.send(
-                self.settings.request_topic, value,
-                key=key.encode() if key is not None else None, headers=request_headers(request),
-            )
+            await self._send([rid], [key.encode() if key is not None else None], [value])
         except BaseException as exc:
-            self._router.forget(request.id)
-            if not fut.done():
-                fut.set_exception(exc)
+            self._router.fail(rid, exc)
             raise
-        delivery.add_done_callback(lambda d: self._delivery_failed(d, fut, request.id))
         return fut
 
     async def infer(self, inputs: Any, *, model: str, check: bool = True, **kwargs: Any) -> InferenceResult:
@@ -194,53 +180,128 @@ class StreamerClient:
         *,
         model: str,
         key: Callable[[Any], str | None] | None = None,
-        **kwargs: Any,
+        timeout_s: float | None = None,
+        deadline_ms: int | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> AsyncIterator[InferenceResult]:
         """Publish every input and yield results as they complete (any status).
 
-        At most ``max_in_flight`` requests are outstanding at once; a timeout raises.
+        At most ``max_in_flight`` requests are outstanding at once; a timeout raises
+        :class:`InferenceTimeout`, and so does an input that cannot be sent (what :meth:`submit` raises).
+        This is the client's fast path: requests are encoded and handed to the producer as they come, a chunk
+        at a time, with no future, timer or validated model per request.
         """
-        done: asyncio.Queue[asyncio.Future[InferenceResult] | None] = asyncio.Queue()
-        futures: list[asyncio.Future[InferenceResult]] = []
-
-        async def feed() -> None:
-            try:
-                async for x in _aiter(inputs):
-                    fut = await self.submit(x, model=model, key=key(x) if key else None, **kwargs)
-                    futures.append(fut)
-                    fut.add_done_callback(done.put_nowait)
-            finally:
-                done.put_nowait(None)
-
-        feeder = asyncio.create_task(feed())
-        remaining, fed = 0, False
+        self._check_started()
+        sink = Sink()
+        feeder = asyncio.create_task(self._feed(inputs, sink, model, key, timeout_s, deadline_ms, metadata))
         try:
-            while not fed or remaining:
-                item = await done.get()
-                if item is None:
-                    fed = True
-                    feeder.result()  # re-raise a publishing error
-                    remaining += len(futures)
+            while True:
+                if sink.results:
+                    yield sink.results.popleft()
                     continue
-                remaining -= 1
-                yield item.result()
+                if sink.error is not None:
+                    raise sink.error
+                if feeder.done() and sink.outstanding == 0:
+                    return
+                await sink.wait()
         finally:
             feeder.cancel()
-            for fut in futures:
-                fut.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
+            self._router.forget_sink(sink)
 
-    def _time_out(self, fut: asyncio.Future[InferenceResult], request_id: str, timeout: float) -> None:
-        if not fut.done():
+    async def _feed(self, inputs: Iterable[Any] | AsyncIterable[Any], sink: Sink, model: str,
+                    key: Callable[[Any], str | None] | None, timeout_s: float | None, deadline_ms: int | None,
+                    metadata: dict[str, Any] | None) -> None:
+        """Sends the stream's requests, a chunk at a time (what the iterator gives at once, up to the window)."""
+        timeout = timeout_s if timeout_s is not None else self.settings.timeout_s
+        meta = self._writer.metadata(metadata)
+        try:
+            if isinstance(inputs, AsyncIterable):
+                async for x in inputs:
+                    await self._feed_chunk([x], sink, model, key, timeout, deadline_ms, metadata, meta)
+            else:
+                it = iter(inputs)
+                while True:
+                    if self._router.full:
+                        await self._router.room()
+                    chunk = list(itertools.islice(it, min(_CHUNK, self._router.max_in_flight - self._router.pending)))
+                    if not chunk:
+                        break
+                    await self._feed_chunk(chunk, sink, model, key, timeout, deadline_ms, metadata, meta)
+        except Exception as exc:  # noqa: BLE001 - the stream raises it
+            sink.fail(exc)
+        finally:
+            sink._notify()  # the feed is over: the stream may end
+
+    async def _feed_chunk(self, chunk: list[Any], sink: Sink, model: str, key: Callable[[Any], str | None] | None,
+                          timeout_s: float, deadline_ms: int | None, metadata: dict[str, Any] | None,
+                          meta: bytes | None) -> None:
+        if self._router.full:
+            await self._router.room()
+        created = now_ms()
+        deadline = deadline_ms if deadline_ms is not None else created + int(timeout_s * 1000)
+        ids, keys, values = [], [], []
+        write, next_id, expect = self._writer.request, self._next_id, self._router.expect
+        for x in chunk:
+            k = key(x) if key is not None else None
+            rid = next_id()
+            values.append(write(rid, model, x, k, deadline, created, metadata, meta))
+            keys.append(k.encode() if k is not None else None)
+            ids.append(rid)
+        for rid in ids:
+            expect(rid, sink, timeout_s)
+        sink.outstanding += len(ids)
+        try:
+            await self._send(ids, keys, values)
+        except BaseException as exc:
+            for rid in ids:
+                self._router.fail(rid, exc)
+            raise
+
+    async def _send(self, ids: list[str], keys: list[bytes | None], values: list[bytes]) -> None:
+        """Hands requests to the producer: appended to the open record batch of each one's partition (see
+        ``streamer.kafka.append_record``); a record batch that fails fails the requests in it."""
+        producer, topic = self._producer, self.settings.request_topic
+        if topic not in self._known:
+            await producer.client._wait_on_metadata(topic)  # what producer.send does first (aiokafka 0.14)
+            self._known.add(topic)
+        partition, headers = self._partitions.partition, self._headers
+        for rid, k, value in zip(ids, keys, values, strict=True):
+            tp = self._tps.get(p := partition(producer, topic, k))
+            if tp is None:
+                tp = self._tps[p] = TopicPartition(topic, p)
+            h = headers(rid)
+            batch = kafka.append_open(producer, tp, k, value, h) or await kafka.append_record(
+                producer, tp, k, value, h)
+            current = self._open.get(tp)
+            if current is not None and current[0] is batch:
+                current[1].append(rid)
+                continue
+            sent = [rid]
+            self._open[tp] = (batch, sent)
+            batch.future.add_done_callback(functools.partial(self._delivered, tp, batch, sent))
+
+    def _delivered(self, tp: TopicPartition, batch: Any, ids: list[str], future: asyncio.Future[Any]) -> None:
+        if (current := self._open.get(tp)) is not None and current[0] is batch:
+            del self._open[tp]
+        if future.cancelled():
+            exc: BaseException | None = asyncio.CancelledError("the record batch was cancelled")
+        else:
+            exc = future.exception()
+        if exc is not None:
+            for rid in ids:
+                self._router.fail(rid, exc)
+
+    def _abandoned(self, request_id: str, fut: asyncio.Future[InferenceResult]) -> None:
+        if fut.cancelled():
             self._router.forget(request_id)
-            fut.set_exception(InferenceTimeout(request_id, timeout))
 
-    def _delivery_failed(self, delivery: asyncio.Future[Any], fut: asyncio.Future[InferenceResult],
-                         request_id: str) -> None:
-        if delivery.cancelled() or delivery.exception() is None or fut.done():
-            return
-        self._router.forget(request_id)
-        fut.set_exception(delivery.exception())  # type: ignore[arg-type]
+    def _next_id(self) -> str:
+        return f"{self._id_prefix}{next(self._counter):012x}"
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("the client is not started: use 'async with StreamerClient(...)'")
 
 
 async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
 
-from producers import StreamerClient
+from producers import StreamerClient, request_headers
 from schemas import Codec, InferenceResult
 from streamer import ClientSettings, FatalError, InferenceError, InferenceTimeout, WorkerSettings, kafka
 from streamer.models import load_model
@@ -100,3 +101,93 @@ async def test_reader_failure_fails_every_waiter(
             await fut
         with pytest.raises(FatalError, match="reply reader has stopped"):
             await client.submit([0.0] * 16, model="tiny-mlp")
+
+
+async def _read_all(settings: ClientSettings, topic: str, n: int, timeout_s: float = 30) -> list[Any]:
+    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(records) < n:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    records += batch
+        await asyncio.sleep(0.5)  # and nothing more arrives
+        for batch in (await consumer.getmany(timeout_ms=200)).values():
+            records += batch
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def test_streamed_requests_on_the_wire_window_and_timeout(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    """What ``stream`` (the client's fast path) writes is what the models write, with the headers, keys and
+    partitions a worker in any language expects; it keeps to ``max_in_flight``; with no worker, it ends in
+    :class:`InferenceTimeout`, and gives up every request it left waiting."""
+    inputs = [np.full(16, i, dtype=np.float32) for i in range(120)]
+    settings = client_settings.model_copy(update={"max_in_flight": 50})
+    codec = Codec()
+    async with StreamerClient(settings) as client:
+        stream = client.stream(inputs, model="tiny-mlp", key=lambda x: f"k{int(x[0]) % 7}", timeout_s=2,
+                               metadata={"tenant": "t1"})
+        with pytest.raises(InferenceTimeout, match=r"within 2 s"):
+            async for _ in stream:
+                pass
+        assert client.pending == 0
+        records = await _read_all(client_settings, client_settings.request_topic, 50)
+        assert len(records) == 50  # the window: no more were sent while 50 waited
+        partitioner = kafka.producer(client_settings)
+        await partitioner.start()
+        try:
+            for r in records:
+                req = codec.decode_request(r.value)
+                assert (req.model, req.reply_to, req.metadata) == ("tiny-mlp", client.reply_to, {"tenant": "t1"})
+                assert req.key == f"k{int(req.inputs[0]) % 7}" and r.key == req.key.encode()
+                np.testing.assert_array_equal(req.inputs, inputs[int(req.inputs[0])])
+                assert req.deadline_ms == req.created_ms + 2000
+                assert list(r.headers) == request_headers(req)
+                assert r.value == codec.encode_request(req)  # byte for byte what the models write
+                # the partition a producer's send picks for the key (the record it writes is read by no one)
+                assert r.partition == (await partitioner.send_and_wait(r.topic, b"", key=r.key)).partition
+        finally:
+            await partitioner.stop()
+        assert len({codec.decode_request(r.value).id for r in records}) == 50
+
+
+async def test_a_cancelled_submit_frees_its_place_in_the_window(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    async with StreamerClient(client_settings.model_copy(update={"max_in_flight": 1})) as client:
+        first = await client.submit([0.0] * 16, model="tiny-mlp", timeout_s=30)
+        second = asyncio.create_task(client.submit([0.0] * 16, model="tiny-mlp", timeout_s=30))
+        await asyncio.sleep(0.3)
+        assert not second.done()  # the window is full
+        first.cancel()
+        fut = await asyncio.wait_for(second, 5)
+        assert client.pending == 1
+        fut.cancel()
+        await asyncio.sleep(0)
+        assert client.pending == 0
+
+
+async def test_requests_sent_one_at_a_time_all_arrive(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    """Requests trickling in while the producer's sender takes record batches: each record goes into a batch the
+    sender has not taken yet (one it took has its sequence numbers: a record added after would break the
+    idempotent producer's sequence, OutOfOrderSequenceNumber, as an early version of the fast path did)."""
+    async with StreamerClient(client_settings) as client:
+        futures = []
+        for i in range(600):
+            futures.append(await client.submit([float(i)] * 16, model="tiny-mlp", key=f"k{i % 5}", timeout_s=60))
+            if i % 3 == 0:
+                await asyncio.sleep(0)  # let the sender run between some of them
+            elif i % 3 == 1:
+                await asyncio.sleep(0.0005)
+        records = await _read_all(client_settings, client_settings.request_topic, 600)
+        assert len(records) == 600
+        assert not [f for f in futures if f.done()]  # none failed (no worker: none answered either)
+        for f in futures:
+            f.cancel()
