@@ -4,7 +4,9 @@ Requests cycle through 4,096 keys, so every partition gets an equal share. The m
 sleeps 50 ms per batch of 32 (``bench.standins:sleep50``: a GPU call that
 leaves the CPU free), so n workers could serve n times one worker's rate if the framework, the broker
 and the group's assignment got out of the way. 16 partitions, one client publishing as fast as it can,
-fresh topics per run. Reports throughput and efficiency (rate / (n x one worker's rate)); then, with
+fresh topics per run (``--generator client``, the default: the client library's ``stream``; ``raw``: a
+``producer.send`` per request built with the models, as before). Reports throughput and efficiency
+(rate / (n x one worker's rate)); then, with
 seven workers at saturation, an eighth joins: the longest pause in results around the join.
 Writes bench/results/scaleout.json and scaleout.svg.
 Run: python bench/bench_scaleout.py [--seconds 8] [--repeats 2]
@@ -65,16 +67,18 @@ class Group(Run):
         await kafka.wait_for_group(self.settings, self.settings.group_id, len(self.procs), timeout_s=180)
 
 
-async def saturate(bootstrap: str, n: int, seconds: float) -> dict[str, Any]:
+async def saturate(bootstrap: str, n: int, seconds: float, generator: str) -> dict[str, Any]:
     group = Group(bootstrap, n)
     await group.start()
     try:
+        if generator == "client":
+            return await group.drive_client(int(PER_WORKER * n * seconds))
         return await group.drive(int(PER_WORKER * n * seconds), None)
     finally:
         await group.stop()
 
 
-async def join(bootstrap: str, seconds: float) -> dict[str, Any]:
+async def join(bootstrap: str, seconds: float, generator: str) -> dict[str, Any]:
     """Seven workers at saturation; an eighth joins a third of the way in. The longest gap between results
     from the join to the end, and the gaps seen before the join for comparison."""
     group = Group(bootstrap, 7)
@@ -89,7 +93,9 @@ async def join(bootstrap: str, seconds: float) -> dict[str, Any]:
         joined.append(arrivals[-1] if arrivals else 0.0)
 
     try:
-        result = await group.drive(int(PER_WORKER * 7.5 * seconds), None, during=eighth, arrivals=arrivals)
+        n = int(PER_WORKER * 7.5 * seconds)
+        result = (await group.drive_client(n, during=eighth, arrivals=arrivals) if generator == "client"
+                  else await group.drive(n, None, during=eighth, arrivals=arrivals))
     finally:
         await group.stop()
     gaps = [(b - a, a) for a, b in itertools.pairwise(arrivals)]
@@ -104,6 +110,8 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="of saturated load per run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sizes", default="1,2,4,8")
+    ap.add_argument("--generator", choices=["client", "raw"], default="client",
+                    help="client: StreamerClient.stream publishes and reads; raw: a producer.send per request")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     broker = LocalKafka().start()
@@ -111,10 +119,10 @@ async def main() -> None:
     try:
         for rep in range(args.repeats):
             for n in sizes:
-                r = await saturate(broker.bootstrap_servers, n, args.seconds)
+                r = await saturate(broker.bootstrap_servers, n, args.seconds, args.generator)
                 runs[n].append(r)
                 print(f"round {rep}: {n} worker(s): {r['throughput']:,.0f}/s", flush=True)
-        joined = await join(broker.bootstrap_servers, args.seconds)
+        joined = await join(broker.bootstrap_servers, args.seconds, args.generator)
         print(f"an eighth joins: longest pause {joined['longest_pause_from_join_s']:.2f} s "
               f"(before the join {joined['longest_pause_before_s']:.2f} s)", flush=True)
     finally:
@@ -122,7 +130,8 @@ async def main() -> None:
     one = statistics.median(r["throughput"] for r in runs[sizes[0]]) / sizes[0]
     summary = {n: {"throughput": statistics.median(r["throughput"] for r in rs),
                    "efficiency": statistics.median(r["throughput"] for r in rs) / (n * one)} for n, rs in runs.items()}
-    out = {"machine": machine(), "model": MODEL, "partitions": PARTITIONS, "per_worker_model_limit": PER_WORKER,
+    out = {"machine": machine(), "generator": args.generator, "model": MODEL, "partitions": PARTITIONS,
+           "per_worker_model_limit": PER_WORKER,
            "runs": runs, "summary": summary, "join": joined}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "scaleout.json").write_text(json.dumps(out, indent=2))

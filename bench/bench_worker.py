@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from producers import request_headers  # noqa: E402
 from schemas import Codec, InferenceRequest, ReplyTo  # noqa: E402
-from streamer import WorkerSettings, kafka  # noqa: E402
+from streamer import ClientSettings, WorkerSettings, kafka  # noqa: E402
 from streamer.broker import LocalKafka  # noqa: E402
 from streamer.config import settings_env  # noqa: E402
 from streamer.models import load_model  # noqa: E402
@@ -195,7 +195,7 @@ max_wait_ms = {WAIT_MS}
             await producer.flush()
 
         pub = asyncio.create_task(publish())
-        side = asyncio.create_task(during()) if during is not None else None
+        side = asyncio.ensure_future(during()) if during is not None else None
         try:
             async with asyncio.timeout(600):
                 while len(latencies) < n:
@@ -218,6 +218,39 @@ max_wait_ms = {WAIT_MS}
             await consumer.stop()
         return {"requests": n, "seconds": elapsed, "throughput": n / elapsed, "cpu_s_per_request": cpu / n,
                 "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))}
+
+
+    async def drive_client(self, n: int, during: Callable[[], Awaitable[Any]] | None = None,
+                           arrivals: list[float] | None = None) -> dict[str, Any]:
+        """As :meth:`drive` at saturation, with the client library's fast path as the load generator: one
+        ``StreamerClient.stream`` publishing the n requests and reading their results (a few µs of CPU per
+        request, so that the serving processes, not the generator, have the cores)."""
+        from producers import StreamerClient
+
+        s = self.settings
+        xs = [self.inputs[i % 256][:] for i in range(n)]  # one object per request, for its key
+        keys = {id(x): f"key-{i % self.keys}" for i, x in enumerate(xs)}
+        client = StreamerClient(ClientSettings(bootstrap_servers=s.bootstrap_servers, request_topic=s.request_topic,
+                                               results_topic=s.results_topic, timeout_s=600))
+        await client.start()
+        cpu0 = self.cpu_seconds()
+        t0 = time.perf_counter()
+        side = asyncio.ensure_future(during()) if during is not None else None
+        count = 0
+        try:
+            async for r in client.stream(xs, model=self.model_name, key=lambda x: keys[id(x)]):
+                if r.status != "ok":
+                    raise RuntimeError(f"a request failed: {r.error}")
+                count += 1
+                if arrivals is not None:
+                    arrivals.append(time.perf_counter() - t0)
+            if side is not None:
+                await side
+        finally:
+            elapsed = time.perf_counter() - t0
+            cpu = self.cpu_seconds() - cpu0
+            await client.close()
+        return {"requests": count, "seconds": elapsed, "throughput": count / elapsed, "cpu_s_per_request": cpu / n}
 
 
 async def one(variant: str, bootstrap: str, n: int, rate: float | None, model: str = "tiny-mlp") -> dict[str, Any]:
