@@ -7,7 +7,8 @@ thread), ``streamer-eos`` (exactly-once) and ``faststream`` (a FastStream batch 
 bench/faststream_loop.py; skipped unless FastStream is installed). ``--model`` picks tiny-mlp or a
 stand-in (``bench.standins:embed384``: 384-d float32 outputs). Reports throughput and CPU
 microseconds per request of the serving process (from /proc), the median of per-round ratios to the
-floor with min-max; then p50/p99 latency at a fixed rate of half the slowest variant's saturation.
+floor with min-max; then p50/p99 latency at a fixed rate of half the slowest variant's saturation, after 500
+requests to warm up, results read ``read_committed`` as the client reads them.
 Writes bench/results/overhead[-MODEL].json.
 Usage: python bench/bench_overhead.py [--repeats 5] [--requests 4000] [--model SPEC] [--variants a,b]
 """
@@ -65,7 +66,7 @@ async def main() -> None:
             rate = 0.5 * min(statistics.median(r[v]["throughput"] for r in rounds) for v in variants)
             fixed = {"rate": rate, "results": {}}
             for v in variants:
-                x = await one(v, bootstrap, int(rate * args.fixed_seconds), rate, args.model)
+                x = await one(v, bootstrap, int(rate * args.fixed_seconds), rate, args.model, warmup=500)
                 fixed["results"][v] = x
                 print(f"at {rate:,.0f}/s: {v} p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms", flush=True)
     finally:

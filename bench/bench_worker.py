@@ -169,12 +169,18 @@ max_wait_ms = {WAIT_MS}
         return self.codec.encode_request(req), req.key.encode(), request_headers(req)  # type: ignore[union-attr]
 
     async def drive(self, n: int, rate: float | None, during: Callable[[], Awaitable[Any]] | None = None,
-                    arrivals: list[float] | None = None) -> dict[str, Any]:
+                    arrivals: list[float] | None = None, warmup: int = 0) -> dict[str, Any]:
         """Publish n requests (at ``rate``/s, or as fast as possible); collect every result. ``during`` runs
-        beside (a worker joining, say); ``arrivals`` gets each result's arrival, seconds from the start."""
+        beside (a worker joining, say); ``arrivals`` gets each result's arrival, seconds from the start.
+        ``warmup`` requests go first, untimed (a serving process's first batches start its producers).
+        Results are read ``read_committed``, as the client reads them (exactly-once results count once
+        committed)."""
+        if warmup:
+            await self.drive(warmup, None)
         s = self.settings
         producer = kafka.producer(s, linger_ms=1)
-        consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest")
+        consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest",
+                                  isolation_level="read_committed")
         await producer.start()
         await consumer.start()
         sent: dict[str, float] = {}
@@ -253,11 +259,12 @@ max_wait_ms = {WAIT_MS}
         return {"requests": count, "seconds": elapsed, "throughput": count / elapsed, "cpu_s_per_request": cpu / n}
 
 
-async def one(variant: str, bootstrap: str, n: int, rate: float | None, model: str = "tiny-mlp") -> dict[str, Any]:
+async def one(variant: str, bootstrap: str, n: int, rate: float | None, model: str = "tiny-mlp",
+              warmup: int = 0) -> dict[str, Any]:
     run = Run(variant, bootstrap, model)
     await run.start()
     try:
-        return await run.drive(n, rate)
+        return await run.drive(n, rate, warmup=warmup)
     finally:
         await run.stop()
 

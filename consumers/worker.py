@@ -53,6 +53,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker._on_assigned(set(assigned))
+        if self._worker._txn is not None:
+            await self._worker._txn.prepare(assigned)
 
 
 class Worker:
@@ -385,7 +387,7 @@ class Worker:
             if left is not None:
                 finished, _ = await asyncio.wait({running}, timeout=left)
                 if not finished:
-                    await self._txn.commit()
+                    self._txn.commit_soon()
         await running
 
     async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:
@@ -416,8 +418,8 @@ class Worker:
     async def _flush(self, *, more: bool) -> None:
         """Hand the held batches' records to the producer, in order and without a pause between them, so the
         producer's sender takes them in as few requests as it can. At-least-once: their offsets go to the
-        commit task. Exactly-once: into each partition's open transaction, committed when ``transaction_ms``
-        is up or at once when no ``more`` work is at hand."""
+        commit task. Exactly-once: into each partition's open transaction, committed (in the background) when
+        ``transaction_ms`` is up or at once when no ``more`` work is at hand."""
         held, self._held, self._held_records = self._held, [], 0
         for batch in held:
             if self._txn is not None:
@@ -425,7 +427,7 @@ class Worker:
             else:
                 self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
         if self._txn is not None and (not more or self._txn.due()):
-            await self._txn.commit()
+            self._txn.commit_soon()
         for batch in held:
             self._account(batch)
 

@@ -1,5 +1,5 @@
 """The worker's inside, in process on the real broker: the model overlaps publishing, and exactly-once
-transactions span batches when more work is at hand."""
+transactions span batches when more work is at hand, and never hold the worker up while they commit."""
 
 from __future__ import annotations
 
@@ -87,3 +87,31 @@ async def test_exactly_once_transactions_span_batches_under_load(
     assert worker._txn is not None
     # One transaction per partition per batch would be at least `batches`; windows take several batches each.
     assert 0 < worker._txn.committed < batches, (worker._txn.committed, batches)
+
+
+async def test_exactly_once_never_waits_for_a_commit(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    """Requests of one key, one after another: each batch is committed at once (nothing more is at hand), and the
+    next arrives while that commit is under way. Its outputs are held, then sent and committed together by the
+    commit's task (a group commit), while the worker goes on; every result once, in order."""
+    settings = created_topics.model_copy(update={"delivery": "exactly-once"})
+    worker = Worker(settings)
+    await worker.start()
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(300, seed=4)
+    arrived: list[int] = []
+    try:
+        async with StreamerClient(client_settings) as client:
+            futures = []
+            for i, x in enumerate(inputs):
+                fut = await client.submit(x, model="tiny-mlp", key="one-key")
+                fut.add_done_callback(lambda _f, i=i: arrived.append(i))
+                futures.append(fut)
+                await asyncio.sleep(0.002)
+            results = list(await asyncio.gather(*futures))
+    finally:
+        await worker.stop()
+    assert len({r.id for r in results}) == 300 and all(r.status == "ok" for r in results)
+    assert arrived == sorted(arrived)  # one key: results in the order of the requests
+    assert worker._txn is not None
+    assert worker._txn.group_commits > 0, worker._txn.committed
