@@ -46,6 +46,7 @@ async def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--fixed-seconds", type=float, default=4.0, help="length of each fixed-rate run (0: none)")
     ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--out", default=None, help="the result file's name in bench/results (default: from the model)")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",")
                 if not v.startswith("faststream") or importlib.util.find_spec("faststream")]
@@ -85,7 +86,7 @@ async def main() -> None:
     if base.endswith("-hop"):
         name += "-hop"
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / f"{name}.json").write_text(json.dumps(out, indent=2))
+    (ROOT / "bench" / "results" / (args.out or f"{name}.json")).write_text(json.dumps(out, indent=2))
     print(json.dumps(summary, indent=2))
 
 

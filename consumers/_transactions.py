@@ -9,20 +9,14 @@ later commits (``ProducerFenced``).
 A transaction spans a window of batches (like Kafka Streams' ``commit.interval.ms``): it stays
 open while the next batch is already at hand, for at most ``transaction_ms``, and is committed at
 once when the worker has nothing more to do, so light load keeps its latency and saturation does
-not pay a commit per batch. Commits run in the background: the worker decodes, runs and encodes its
-next batches meanwhile. A partition's next transaction cannot open before its commit is done: its
-outputs are held meanwhile and then sent and committed together by the commit's task (a group commit),
-so transactions grow with the load and the worker never waits for one (a commit is several round trips
-to the coordinator; awaited in line, it was most of the worker's time at a moderate steady rate, and
-the queue grew behind it). After an error whose
-outcome is unknown (a commit timeout), the producer is discarded: its replacement's start aborts the
-transaction, and the worker goes back to the window's first offset instead of guessing.
+not pay a commit per batch. After an error whose outcome is unknown (a commit timeout), the
+producer is discarded: its replacement's start aborts the transaction, and the worker goes back
+to the window's first offset instead of guessing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -130,47 +124,24 @@ class TransactionWindows:
         self._open: dict[TopicPartition, _Window] = {}
         self._span_s = settings.transaction_ms / 1000
         self.committed = 0  # transactions committed
-        self.group_commits = 0  # transactions of outputs held while their partition's last commit was under way
-        self._committing: dict[TopicPartition, asyncio.Future[None]] = {}  # commits under way, one per partition
-        # Outputs of partitions whose commit is under way: (batch, indices, epoch), sent by the commit's task.
-        self._held: dict[TopicPartition, list[tuple[Batch, list[int], int]]] = {}
-        self._current_epoch: Callable[[TopicPartition], int] = lambda _tp: 0
-        self.errors: list[BaseException] = []
         self._lock = asyncio.Lock()
 
     async def publish(self, batch: Batch, current_epoch: Callable[[TopicPartition], int]) -> None:
-        """Send each partition's outputs in its open transaction (opened here if none is). A partition whose
-        commit is under way cannot open its next transaction yet: its outputs are held, in order, and the
-        commit's task sends them in a transaction of their own and commits that too (a group commit), so the
-        worker never waits for a commit here."""
-        self.raise_errors()
-        self._current_epoch = current_epoch
+        """Send each partition's outputs in its open transaction (opened here if none is)."""
         by_tp: dict[TopicPartition, list[int]] = {}
         for i in range(len(batch)):
             by_tp.setdefault(batch.tp(i), []).append(i)
         epochs = {run.tp: run.epoch for run in batch.runs}
         for tp, idx in by_tp.items():
-            if tp in self._committing:
-                self._held.setdefault(tp, []).append((batch, idx, epochs[tp]))
-                continue
-            await self._send(tp, self._open.get(tp), [(batch, idx, epochs[tp])], into_open=True)
-
-    async def _send(self, tp: TopicPartition, w: _Window | None, items: list[tuple[Batch, list[int], int]],
-                    into_open: bool = False) -> _Window | None:
-        """Send ``items`` (records of ``tp``: a batch, their indices, the epoch they were fetched in) into ``w``,
-        or into a transaction opened here (``into_open``: the partition's open window, which a revoke's release
-        commits); returns the window (None: nothing sent, or the transaction failed)."""
-        for batch, idx, epoch in items:
-            if epoch != self._current_epoch(tp) or tp in self.fenced:
+            if epochs[tp] != current_epoch(tp) or tp in self.fenced:
                 continue  # revoked, fenced or redone since it was fetched: whoever reads it next does it
             first, last = batch.records[idx[0]].offset, batch.records[idx[-1]].offset
+            w = self._open.get(tp)
             try:
                 if w is None:
                     producer = await self.producers.get(tp)
                     await producer.begin_transaction()
-                    w = _Window(producer, first, last, time.monotonic())
-                    if into_open:
-                        self._open[tp] = w
+                    w = self._open[tp] = _Window(producer, first, last, time.monotonic())
                 try:
                     w.sent += await self.outbox.publish(batch, w.producer, idx)
                 except BaseException:
@@ -179,8 +150,6 @@ class TransactionWindows:
                 w.last = last
             except KafkaError as exc:
                 await self._failed(tp, w.first if w is not None else first, exc)
-                return None
-        return w
 
     async def prepare(self, tps: Iterable[TopicPartition]) -> None:
         """Start the producers of newly assigned partitions side by side, before their first batch: each start is
@@ -204,67 +173,27 @@ class TransactionWindows:
         """Whether a transaction has been open for ``transaction_ms``."""
         return self.left_s() == 0.0
 
-    def commit_soon(self, tps: Iterable[TopicPartition] | None = None) -> None:
-        """Start committing the open transactions (of ``tps``, default all): their records, then their offsets,
-        each partition's with its own producer, side by side and in the background. The worker goes on with its
-        next batches meanwhile; a partition's next transaction opens once its commit is done (see publish)."""
-        for tp in list(self._open if tps is None else tps):
-            w = self._open.pop(tp, None)
-            if w is None:
-                continue
-            task = asyncio.ensure_future(self._commit_one(tp, w))
-            self._committing[tp] = task
-            task.add_done_callback(functools.partial(self._committed, tp))
-
-    def _committed(self, tp: TopicPartition, task: asyncio.Future[None]) -> None:
-        if self._committing.get(tp) is task:
-            del self._committing[tp]
-        if not task.cancelled() and task.exception() is not None:
-            self.errors.append(task.exception())  # type: ignore[arg-type]
-
     async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
-        """Commit the open transactions (of ``tps``, default all) and wait for every commit under way."""
+        """Commit the open transactions (of ``tps``, default all): their records, then their offsets."""
         async with self._lock:  # a revoke's release and the process loop may both commit
             await self._commit(tps)
 
     async def _commit(self, tps: Iterable[TopicPartition] | None) -> None:
-        tps = list(tps) if tps is not None else None
-        self.commit_soon(tps)
-        waiting = list(self._committing.values()) if tps is None else [
-            self._committing[tp] for tp in tps if tp in self._committing]
-        await asyncio.gather(*(asyncio.shield(t) for t in waiting), return_exceptions=True)
-        self.raise_errors()
+        """Each partition's transaction has its own producer: they commit side by side, not one after another."""
+        todo = [(tp, self._open.pop(tp)) for tp in list(self._open if tps is None else tps) if tp in self._open]
+        await asyncio.gather(*(self._commit_one(tp, w) for tp, w in todo))
 
-    def raise_errors(self) -> None:
-        """What a background commit raised beyond what it handles (not a Kafka error): the worker stops on it."""
-        if self.errors:
-            raise self.errors[0]
-
-    async def _commit_one(self, tp: TopicPartition, w: _Window | None) -> None:
-        """Commit ``w``; then, while outputs of ``tp`` were held meanwhile, send them in a new transaction and
-        commit that. After a failure, what is held is dropped: the partition is read again (see _failed)."""
-        while w is not None:
-            if not await self._end(tp, w):
-                self._held.pop(tp, None)
-                return
-            held = self._held.pop(tp, [])
-            w = await self._send(tp, None, held)
-            if w is not None:
-                self.group_commits += 1
-
-    async def _end(self, tp: TopicPartition, w: _Window) -> bool:
+    async def _commit_one(self, tp: TopicPartition, w: _Window) -> None:
         if w.broken:
             await self._failed(tp, w.first, KafkaError("a publish into the transaction was interrupted"))
-            return False
+            return
         try:
             await self._delivered(w.sent, w.producer)
             await w.producer.send_offsets_to_transaction({tp: w.last + 1}, self.settings.group_id)
             await w.producer.commit_transaction()
+            self.committed += 1
         except KafkaError as exc:
             await self._failed(tp, w.first, exc)
-            return False
-        self.committed += 1
-        return True
 
     async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
@@ -294,7 +223,7 @@ class TransactionWindows:
         """Partitions taken from us: commit what is open for them, then close their producers."""
         tps = list(tps)
         async with self._lock:
-            await self._commit(tps)  # what is open, and what is being committed
+            await self._commit([tp for tp in tps if tp in self._open])
             for tp in tps:
                 await self.producers.discard(tp)
 

@@ -387,7 +387,7 @@ class Worker:
             if left is not None:
                 finished, _ = await asyncio.wait({running}, timeout=left)
                 if not finished:
-                    self._txn.commit_soon()
+                    await self._txn.commit()
         await running
 
     async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:
@@ -418,8 +418,8 @@ class Worker:
     async def _flush(self, *, more: bool) -> None:
         """Hand the held batches' records to the producer, in order and without a pause between them, so the
         producer's sender takes them in as few requests as it can. At-least-once: their offsets go to the
-        commit task. Exactly-once: into each partition's open transaction, committed (in the background) when
-        ``transaction_ms`` is up or at once when no ``more`` work is at hand."""
+        commit task. Exactly-once: into each partition's open transaction, committed when ``transaction_ms``
+        is up or at once when no ``more`` work is at hand."""
         held, self._held, self._held_records = self._held, [], 0
         for batch in held:
             if self._txn is not None:
@@ -427,7 +427,7 @@ class Worker:
             else:
                 self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
         if self._txn is not None and (not more or self._txn.due()):
-            self._txn.commit_soon()
+            await self._txn.commit()
         for batch in held:
             self._account(batch)
 
