@@ -167,8 +167,7 @@ class ReplayJob:
         if progress:
             progress(summary.done_before, summary.range_size)
         try:
-            async with kafka.translated_errors(self.settings):
-                await consumer.start()
+            await kafka.start(self.settings, consumer)
             consumer.assign(sorted(spans))  # all of them: commits name every partition of the range
             for tp in spans:
                 consumer.seek(tp, nxt[tp])

@@ -121,9 +121,7 @@ class _Sender:
 
     async def run(self, left: list[Span], stop: asyncio.Event) -> int:
         """Send what is left; returns how many records this run handled."""
-        async with kafka.translated_errors(self.settings):
-            await self.consumer.start()
-            await self.producer.start()
+        await kafka.start(self.settings, self.consumer, self.producer)
         handled = 0
         try:
             self.nxt = {TopicPartition(self.topic, s.partition): s.start for s in left}
@@ -188,7 +186,7 @@ async def _collect(settings: WorkerSettings, reply: ReplyTo, results: dict[str, 
     codec = Codec()
     consumer = kafka.consumer(settings, reply.topic, group_id=None, auto_offset_reset="earliest",
                               isolation_level="read_committed")
-    await consumer.start()
+    await kafka.start(settings, consumer)
     try:
         while True:
             for records in (await consumer.getmany(timeout_ms=200)).values():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
 import time
@@ -15,6 +17,9 @@ from ._replay_cmd import add_replay_parser
 from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
 from .errors import StreamerError
 from .logs import setup_logging
+
+# Commands that are clients of the cluster for a moment (not long-running members of it).
+_CLIENT_COMMANDS = frozenset({"topics", "publish", "results", "status", "replay", "pipeline"})
 
 __all__ = ["main"]
 
@@ -148,9 +153,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     async def publish() -> int:
         producer = kafka.producer(settings)
-        await producer.start()
         sent = 0
-        try:
+        async with kafka.started(settings, producer):
             for lineno, line in enumerate(stream, 1):
                 if not line.strip():
                     continue
@@ -164,15 +168,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 print(req.id, flush=True)
                 sent += 1
             await producer.flush()
-        except KafkaError as exc:
-            print(f"publishing failed: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await producer.stop()
         print(f"published {sent} requests to {settings.request_topic}", file=sys.stderr)
         return 0
 
-    return _run(publish())
+    try:
+        return _run(publish())
+    except KafkaError as exc:
+        print(f"streamer: error: publishing to {settings.request_topic!r} failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -221,11 +224,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     async def follow() -> int:
         consumer = kafka.consumer(settings, topic, group_id=None,
                                   auto_offset_reset="earliest" if args.from_beginning else "latest")
-        await consumer.start()
         seen = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + args.timeout_s if args.timeout_s else None
-        try:
+        async with kafka.started(settings, consumer):
             while args.count is None or seen < args.count:
                 if deadline is not None and loop.time() > deadline:
                     return 1
@@ -237,8 +239,6 @@ def cmd_results(args: argparse.Namespace) -> int:
                         except WireError as exc:
                             print(f"offset {r.offset}: undecodable result: {exc}", file=sys.stderr)
                         seen += 1
-        finally:
-            await consumer.stop()
         return 0
 
     try:
@@ -405,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"streamer: error: {exc} (--log-format or STREAMER_LOG_FORMAT)", file=sys.stderr)
         return 2
+    if args.command in _CLIENT_COMMANDS and args.log_level.upper() != "DEBUG":
+        # The command says in one line what failed (see kafka.translated_errors); aiokafka's own error logs
+        # of each failed connection attempt would repeat it.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except StreamerError as exc:
@@ -412,3 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output has gone (`streamer publish ... | head`): stop quietly, as Unix tools do
+        # when SIGPIPE ends them, with their exit status (128 + 13).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout would raise again
+        return 141

@@ -37,6 +37,8 @@ __all__ = [
     "offset_bounds",
     "partition_leaders",
     "producer",
+    "start",
+    "started",
     "topic_partitions",
     "translated_errors",
     "wait_for_cluster",
@@ -67,7 +69,36 @@ async def translated_errors(settings: KafkaSettings) -> AsyncIterator[None]:
                 f"({settings.sasl_mechanism}): invalid credentials. Check sasl_username / sasl_password "
                 "(STREAMER_SASL_USERNAME / STREAMER_SASL_PASSWORD)."
             ) from exc
-        raise BrokerError(f"cannot reach the cluster at {settings.bootstrap_servers}: {exc}") from exc
+        raise BrokerError(f"cannot reach the cluster at {settings.bootstrap_servers} ({exc}); check bootstrap_servers "
+                          "(--bootstrap-servers or STREAMER_BOOTSTRAP_SERVERS)") from exc
+
+
+async def start(settings: KafkaSettings, *clients: Any) -> None:
+    """Start ``clients`` (producers, consumers) under :func:`translated_errors`; if one fails, stop them all
+    before raising (aiokafka otherwise warns of unclosed clients at exit)."""
+    try:
+        async with translated_errors(settings):
+            for client in clients:
+                await client.start()
+    except BaseException:
+        await _stop(clients)
+        raise
+
+
+@contextlib.asynccontextmanager
+async def started(settings: KafkaSettings, *clients: Any) -> AsyncIterator[None]:
+    """:func:`start` ``clients``, and stop them all on the way out."""
+    await start(settings, *clients)
+    try:
+        yield
+    finally:
+        await _stop(clients)
+
+
+async def _stop(clients: Iterable[Any]) -> None:
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
 
 
 def _first_bootstrap(settings: KafkaSettings) -> tuple[str, str]:

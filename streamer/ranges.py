@@ -74,8 +74,7 @@ async def resolve_range(
 ) -> list[Span]:
     """The spans to replay, one per partition (only the named ones when ``offsets`` is given)."""
     consumer = kafka.consumer(settings, group_id=None)
-    async with kafka.translated_errors(settings):
-        await consumer.start()
+    await kafka.start(settings, consumer)
     try:
         parts = await _partitions(settings, topic)
         if offsets:

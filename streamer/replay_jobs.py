@@ -69,8 +69,7 @@ async def forget(settings: KafkaSettings, topic: str, job: str) -> None:
     if not tps:
         return
     consumer = kafka.consumer(settings, group_id=job_group(job), enable_auto_commit=False)
-    async with kafka.translated_errors(settings):
-        await consumer.start()
+    await kafka.start(settings, consumer)
     try:
         consumer.assign(tps)
         await consumer.commit({tp: OffsetAndMetadata(0, "") for tp in tps})

@@ -113,8 +113,7 @@ class TopicSink:
         self._pending: list[asyncio.Future[Any]] = []
 
     async def open(self, checkpoint: int | None) -> None:
-        async with kafka.translated_errors(self.settings):
-            await self._producer.start()
+        await kafka.start(self.settings, self._producer)
 
     async def write(self, results: list[InferenceResult]) -> None:
         for r in results:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,36 @@ def test_broker_without_java_says_what_to_install(tmp_path: Path) -> None:
                          env={**os.environ, **env}, timeout=60, check=False)
     assert out.returncode == 2
     assert "java was not found" in out.stderr and "install" in out.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ("publish", "--model", "tiny-mlp"), ("results", "--count", "1"), ("topics", "create"), ("status", "some-group"),
+    ("pipeline", "create", "minilm-2stage"),
+    ("replay", "--topic", "x", "--model", "tiny-mlp", "--sink", os.path.join(tempfile.gettempdir(), "absent.jsonl")),
+])
+def test_client_commands_answer_an_absent_cluster_with_one_line(command: tuple[str, ...]) -> None:
+    """No traceback, no aiokafka noise, no "Unclosed" client: one line naming the servers and the setting to
+    change, and exit status 2."""
+    from streamer.broker import free_port
+
+    out = _streamer(*command, env={"STREAMER_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}, stdin="[1]\n")
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("streamer: error: cannot reach the cluster at 127.0.0.1:")
+    assert "STREAMER_BOOTSTRAP_SERVERS" in lines[0]
+
+
+@pytest.mark.kafka
+async def test_publish_into_a_closed_pipe_stops_quietly(worker_settings: WorkerSettings) -> None:
+    """`streamer publish ... | head -1`: the reader goes away after one id; publish stops without a traceback,
+    with the status of a process ended by SIGPIPE (141)."""
+    env = {**os.environ, **settings_env(worker_settings)}
+    await kafka.ensure_topics(worker_settings, [kafka.TopicSpec(worker_settings.request_topic, 1)])
+    lines = "".join(json.dumps([float(i)] * 16) + "\n" for i in range(20_000))
+    script = f"{sys.executable} -m streamer publish --model tiny-mlp | head -1; echo \"status ${{PIPESTATUS[0]}}\" >&2"
+    done = await asyncio.to_thread(subprocess.run, ["bash", "-c", script], input=lines, capture_output=True,
+                                   text=True, env=env, timeout=120, check=False)
+    assert len(done.stdout.split()) == 1  # head printed the first id
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "status 141", done.stderr
