@@ -74,6 +74,14 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
         to_ms=parse_time_ms(args.to_time) if args.to_time else None,
     )
     console = Console(stderr=True)
+    from .replay_jobs import job_running
+
+    async with job_running(settings, topic, job):
+        return await _run_job(args, settings, topic, job, target, spans, console)
+
+
+async def _run_job(args: argparse.Namespace, settings: WorkerSettings, topic: str, job: str, target: str,
+                   spans: Any, console: Any) -> int:
     if args.restart:
         from .replay_jobs import forget
 

@@ -8,18 +8,93 @@ the offset metadata (the span, and the sink checkpoint to cut back to on resume)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import time
+import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import OffsetAndMetadata
 
 from . import kafka
 from .config import KafkaSettings
+from .errors import ConfigError
 from .ranges import Span
 
-__all__ = ["ReplaySummary", "forget", "job_group", "plan_metadata", "read_plan"]
+__all__ = ["ReplaySummary", "forget", "job_group", "job_running", "plan_metadata", "read_plan"]
+
+log = logging.getLogger("streamer.replay")
+
+RUN_SESSION_MS = 6_000  # the broker's least session timeout by default: a run that died lets go this soon
+
+
+class _Paused(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Holds its partitions paused: the run-lock consumer is a member of its group, and fetches nothing."""
+
+    def __init__(self) -> None:
+        self.consumer: Any = None
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.consumer.pause(*assigned)
+
+
+@contextlib.asynccontextmanager
+async def job_running(settings: KafkaSettings, topic: str, job: str) -> AsyncIterator[None]:
+    """Holds ``job`` for as long as this run lasts, so that two runs of one job never write into one sink together.
+
+    The run is a member of the consumer group ``<job group>.run`` (subscribed to the job's topic, its partitions
+    paused: it fetches nothing); runs are named by their start time, and the earliest member holds the job. A
+    run that finds an earlier one refuses to start, naming the job, once it has waited one session timeout
+    (a run that died leaves the group by then: a killed run's job can be resumed at once after that).
+    """
+    group = f"{job_group(job)}.run"
+    me = f"streamer-replay-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    consumer = kafka.consumer(settings, group_id=group, client_id=me, session_timeout_ms=RUN_SESSION_MS,
+                              heartbeat_interval_ms=RUN_SESSION_MS // 3, enable_auto_commit=False)
+    listener = _Paused()
+    listener.consumer = consumer
+    consumer.subscribe([topic], listener=listener)
+    await kafka.start(settings, consumer)
+    keeper: asyncio.Task[None] | None = None
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RUN_SESSION_MS / 1000 + 3
+        said = False
+        while True:
+            await consumer.getmany(timeout_ms=200)  # joins the group (and keeps this member alive)
+            members = (await kafka.describe_group(settings, group))[1] if consumer.assignment() else []
+            if me in members and min(members) == me:
+                break
+            if members and not said:
+                log.warning("replay job %s: another run holds it (%s); waiting %d s in case it has died",
+                            job, ", ".join(m for m in members if m != me), RUN_SESSION_MS // 1000)
+                said = True
+            if loop.time() > deadline:
+                others = ", ".join(m for m in members if m != me) or "unknown"
+                raise ConfigError(f"replay job {job!r} is already running (run {others}, a member of consumer group "
+                                  f"{group!r}); let it finish, or give this run another --job")
+            await asyncio.sleep(0.2)
+
+        async def keep_alive() -> None:  # a member that stops polling is taken out of its group
+            while True:
+                await consumer.getmany(timeout_ms=1000)
+
+        keeper = asyncio.create_task(keep_alive(), name="streamer-replay-run")
+        yield
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        await consumer.stop()
 
 
 def job_group(job: str) -> str:

@@ -185,6 +185,31 @@ async def test_stop_and_resume_while_live_traffic_arrives(
     assert len(_lines(sink)) == n + 300
 
 
+async def test_a_second_run_of_a_running_job_refuses_to_start(
+    created_topics: WorkerSettings, tmp_path: Path, processes: Processes
+) -> None:
+    """Two runs of one job would write into one sink together: the second refuses, naming the job, and the
+    first goes on to write every result once."""
+    ws = created_topics
+    n = 600
+    await _publish(ws, ws.request_topic, load_model("tiny-mlp", "cpu").example_inputs(n, seed=6), "slow-tiny", "j")
+    sink = tmp_path / "once.jsonl"
+    args = ["--model", "tests.fault_models:slow_tiny", "--batch-size", "4", "--sink", str(sink), "--job", "once"]
+    # 150 batches of 100 ms: it runs longer than a second run waits (a session timeout and a little) to refuse.
+    first = WorkerProcess({**settings_env(ws), "FAULT_DELAY_MS": "100"}, tmp_path / "first.log", "--no-progress",
+                          *args, command="replay")
+    processes.started.append(first)
+    while not sink.exists() or not sink.read_bytes():
+        processes.check_alive()
+        await asyncio.sleep(0.05)
+    code, _, err = await asyncio.to_thread(_replay, ws, *args, check=False, FAULT_DELAY_MS="0")
+    assert code == 2, err
+    assert "replay job 'once' is already running" in err and "Traceback" not in err
+    assert first.proc.wait(120) == 0
+    lines = _lines(sink)
+    assert sorted(r["id"] for r in lines) == [f"j{i:05d}" for i in range(n)]  # each once: nothing interleaved
+
+
 @pytest.mark.slow
 async def test_replay_through_minilm_2stage_into_parquet(worker_settings: WorkerSettings, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
