@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=2000, help="requests to publish")
     p.add_argument("--keys", type=int, default=50, help="distinct request keys")
     p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--rate", type=float, default=None,
+                   help="requests/s of the steady run that measures latency (default: half the saturation throughput)")
+    p.add_argument("--rate-seconds", type=float, default=3.0, help="length of the steady run (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -1,14 +1,17 @@
 """``streamer demo``: the whole system end to end on an embedded broker.
 
-Starts Apache Kafka and N worker processes (``streamer worker``, exactly as a user would),
-publishes M keyed requests, awaits every result, checks each against the model run
-directly, and prints throughput and latency.
+Starts Apache Kafka and N worker processes (``streamer worker``, exactly as a user would), then
+measures two honest figures: throughput at saturation (M keyed requests at once, every result
+awaited), and latency at a steady rate below it (``--rate``, default half that throughput, for
+``--rate-seconds``), with the batch sizes that resulted; every result is checked against the model
+run directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -49,6 +52,10 @@ class WorkerProcess:
             code = self.proc.wait()
         self._log.close()
         return code
+
+
+def _took(latencies: list[float], start: float, _fut: Any) -> None:
+    latencies.append((time.perf_counter() - start) * 1000)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -113,37 +120,63 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
 
     csettings = load_settings(ClientSettings, **{k: v for k, v in ws.model_dump().items()
                                                   if k in ClientSettings.model_fields}, timeout_s=300)
-    latencies: list[float] = []
-    results: dict[int, Any] = {}
     async with StreamerClient(csettings) as client:
+        # 1. Saturation: every request at once (at most max_in_flight outstanding). Throughput is the figure; the
+        # latency of a request queued behind thousands of others says nothing about the system, so none is shown.
         t0 = time.perf_counter()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, disable=args.no_progress) as progress:
-            task = progress.add_task("inference", total=args.requests)
+            task = progress.add_task("saturation", total=args.requests)
+            pending = []
+            for i, x in enumerate(inputs):
+                fut = await client.submit(x, model=model.name, key=f"key-{i % args.keys}")
+                fut.add_done_callback(lambda _f: progress.advance(task))
+                pending.append(fut)
+            results = list(await asyncio.gather(*pending))
+            elapsed = time.perf_counter() - t0
+        saturated = args.requests / elapsed
+        batch_sat = [r.timings.batch_size for r in results if r.timings]
 
-            async def one(i: int, x: Any) -> None:
-                start = time.perf_counter()
-                results[i] = await client.infer(x, model=model.name, key=f"key-{i % args.keys}")
-                latencies.append((time.perf_counter() - start) * 1000)
-                progress.advance(task)
-
-            await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs)))
-        elapsed = time.perf_counter() - t0
+        # 2. A steady rate below it (--rate, default half the measured throughput): the latency a request sees.
+        rate = args.rate or saturated / 2
+        steady_n = max(1, min(int(rate * args.rate_seconds), 50_000))
+        steady_inputs = model.example_inputs(steady_n, seed=8)
+        latencies: list[float] = []
+        futures = []
+        t1 = time.perf_counter()
+        for i, x in enumerate(steady_inputs):
+            delay = t1 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            start = time.perf_counter()
+            fut = await client.submit(x, model=model.name, key=f"key-{i % args.keys}")
+            fut.add_done_callback(functools.partial(_took, latencies, start))
+            futures.append(fut)
+        steady = list(await asyncio.gather(*futures))
         duplicates = client.duplicates_dropped
 
     expected = [y for start in range(0, len(inputs), 64) for y in model.run(inputs[start:start + 64])]
-    bad = [i for i, y in enumerate(expected) if not np.allclose(results[i].outputs, y, rtol=1e-4, atol=1e-5)]
+    bad = [i for i, (r, y) in enumerate(zip(results, expected, strict=True))
+           if not np.allclose(r.outputs, y, rtol=1e-4, atol=1e-5)]
+    expected_steady = [y for start in range(0, steady_n, 64) for y in model.run(steady_inputs[start:start + 64])]
+    bad_steady = [i for i, (r, y) in enumerate(zip(steady, expected_steady, strict=True))
+                  if not np.allclose(r.outputs, y, rtol=1e-4, atol=1e-5)]
     per_worker: dict[str, int] = {}
-    for r in results.values():
+    for r in results:
         per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
-    batch_sizes = [r.timings.batch_size for r in results.values() if r.timings]
-    console.print(f"\n[bold]{args.requests} requests[/] through {len(per_worker)} workers in {elapsed:.2f} s: "
-                  f"[bold]{args.requests / elapsed:,.0f} requests/s[/]")
-    console.print(f"latency p50 {_percentile(latencies, 50):.1f} ms, p99 {_percentile(latencies, 99):.1f} ms; "
-                  f"mean batch {np.mean(batch_sizes):.1f}; duplicates dropped {duplicates}")
+    batch_steady = [r.timings.batch_size for r in steady if r.timings]
+    console.print(f"\n[bold]saturation[/]: {args.requests} requests at once through {len(per_worker)} workers in "
+                  f"{elapsed:.2f} s: [bold]{saturated:,.0f} requests/s[/], mean batch {np.mean(batch_sat):.1f}"
+                  " (the most they served with work queued up)")
+    console.print(f"[bold]steady {rate:,.0f}/s[/] for {args.rate_seconds:g} s ({steady_n} requests; --rate to choose): "
+                  f"latency p50 [bold]{_percentile(latencies, 50):.1f} ms[/], p99 {_percentile(latencies, 99):.1f} ms, "
+                  f"mean batch {np.mean(batch_steady):.1f} (from publish to result, what a request waits at that "
+                  f"load); duplicates dropped {duplicates}")
     console.print("results per worker: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_worker.items())))
-    if bad:
-        console.print(f"[red]{len(bad)} results differ from the model's direct output[/] (first: {bad[:5]})")
+    if bad or bad_steady:
+        console.print(f"[red]{len(bad) + len(bad_steady)} results differ from the model's direct output[/] "
+                      f"(first: {(bad or bad_steady)[:5]})")
         return 1
-    console.print(f"[green]all {args.requests} results match the model run directly[/]")
+    console.print(f"[green]all {args.requests} results match the model run directly[/], "
+                  f"and all {steady_n} of the steady run")
     return 0
