@@ -158,8 +158,9 @@ class StreamerClient:
         fut.add_done_callback(functools.partial(self._abandoned, rid))
         try:
             await self._send([rid], [key.encode() if key is not None else None], [value])
-        except BaseException as exc:
-            self._router.fail(rid, exc)
+        except BaseException:
+            self._router.forget(rid)
+            fut.cancel()  # the caller gets the exception, not the future
             raise
         return fut
 

@@ -13,7 +13,7 @@ from schemas import Codec, InferenceResult
 from streamer import ClientSettings, FatalError, InferenceError, InferenceTimeout, WorkerSettings, kafka
 from streamer.models import load_model
 
-from .helpers import Processes
+from .helpers import Processes, read_topic
 
 pytestmark = [pytest.mark.kafka]
 
@@ -103,20 +103,12 @@ async def test_reader_failure_fails_every_waiter(
             await client.submit([0.0] * 16, model="tiny-mlp")
 
 
-async def _read_all(settings: ClientSettings, topic: str, n: int, timeout_s: float = 30) -> list[Any]:
-    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout_s):
-            while len(records) < n:
-                for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    records += batch
-        await asyncio.sleep(0.5)  # and nothing more arrives
-        for batch in (await consumer.getmany(timeout_ms=200)).values():
-            records += batch
-    finally:
-        await consumer.stop()
+async def _read_all(settings: ClientSettings, topic: str, n: int) -> list[Any]:
+    """The ``n`` records of ``topic``, and no more arrive."""
+    records = await read_topic(settings, topic, n)
+    await asyncio.sleep(0.5)
+    with pytest.raises(AssertionError, match=f"got {len(records)} records"):
+        await read_topic(settings, topic, len(records) + 1, timeout_s=1)
     return records
 
 
