@@ -31,6 +31,7 @@ demo: jars
 lint: install
 	$(VENV)/bin/ruff check streamer producers consumers schemas tests bench examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint jars
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

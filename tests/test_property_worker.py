@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from schemas import Codec
 from streamer import WorkerSettings, kafka
-from streamer.demo import WorkerProcess
+from streamer.app.demo import WorkerProcess
 from streamer.models import load_model
 
 from .faults.test_input_faults import rss_mb

@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 from producers import request_headers
 from schemas import Codec, InferenceRequest, ReplyTo
 from streamer import WorkerSettings, kafka
-from streamer.demo import WorkerProcess
+from streamer.app.demo import WorkerProcess
 from streamer.models import load_model
 from streamer.pipeline import BUILTIN_PIPELINES, load_pipeline
 from streamer.ranges import parse_offsets, parse_time_ms

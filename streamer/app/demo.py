@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ClientSettings, WorkerSettings, load_settings, settings_env
+from ..config import ClientSettings, WorkerSettings, load_settings, settings_env
 
 __all__ = ["WorkerProcess", "run_demo"]
 
@@ -65,7 +65,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .broker import LocalKafka
+    from ..broker import LocalKafka
 
     console = Console(stderr=True)
     external = args.bootstrap_servers or os.environ.get("STREAMER_BOOTSTRAP_SERVERS")
@@ -100,8 +100,8 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
 
     from producers import StreamerClient
 
-    from . import kafka
-    from .models import load_model
+    from .. import kafka
+    from ..models import load_model
 
     await kafka.ensure_topics(ws, [
         kafka.TopicSpec(ws.request_topic, args.partitions),

@@ -19,10 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .config import WorkerSettings, settings_env
-from .ranges import Span
-from .replay_jobs import ReplaySummary, read_plan
-from .sinks import _jsonl_to_parquet
+from ..config import WorkerSettings, settings_env
+from ..ranges import Span
+from ..replay_jobs import ReplaySummary, read_plan
+from ..sinks import _jsonl_to_parquet
 
 __all__ = ["replay_in_processes"]
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from ._replay_cmd import add_replay_parser
-from .config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
-from .errors import StreamerError
-from .logs import setup_logging
+from ..config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
+from ..errors import StreamerError
+from ..logs import setup_logging
+from .replay import add_replay_parser
 
 # Commands that are clients of the cluster for a moment (not long-running members of it).
 _CLIENT_COMMANDS = frozenset({"topics", "publish", "results", "status", "replay", "pipeline"})
@@ -83,7 +83,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_broker(args: argparse.Namespace) -> int:
-    from .broker import LocalKafka, kafka_jars
+    from ..broker import LocalKafka, kafka_jars
 
     if args.fetch_only:
         print(kafka_jars())
@@ -111,7 +111,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
-    from .kafka import TopicSpec, ensure_topics
+    from ..kafka import TopicSpec, ensure_topics
 
     s = _settings(args, KafkaSettings)
     specs = [
@@ -144,7 +144,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from producers import request_headers
     from schemas import Codec, ReplyTo
 
-    from . import kafka
+    from .. import kafka
 
     settings = _settings(args, ClientSettings)
     stream = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")  # noqa: SIM115
@@ -181,7 +181,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .status import group_status, render
+    from ..status import group_status, render
 
     settings = _settings(args, KafkaSettings)
     status = _run(group_status(settings, args.group, args.topic or None))
@@ -214,8 +214,8 @@ def _request_from_json(line: str, default_model: str | None, reply: Any) -> Any:
 def cmd_results(args: argparse.Namespace) -> int:
     from schemas import Codec, WireError
 
-    from . import kafka
-    from .jsonl import result_to_json
+    from .. import kafka
+    from ..jsonl import result_to_json
 
     settings = _settings(args, KafkaSettings)
     topic = args.topic or settings.results_topic
@@ -248,7 +248,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_show(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline
+    from ..pipeline import load_pipeline
 
     spec = load_pipeline(args.file)
     print(f"pipeline {spec.name}: clients send model={spec.name!r} to {spec.input_topic(spec.order[0].name)!r}")
@@ -266,8 +266,8 @@ def cmd_pipeline_show(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_create(args: argparse.Namespace) -> int:
-    from .kafka import TopicSpec, ensure_topics
-    from .pipeline import load_pipeline
+    from ..kafka import TopicSpec, ensure_topics
+    from ..pipeline import load_pipeline
 
     spec = load_pipeline(args.file)
     s = _settings(args, KafkaSettings)
@@ -283,7 +283,7 @@ def cmd_pipeline_create(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from consumers import stage_worker
 
-    from .pipeline import load_pipeline
+    from ..pipeline import load_pipeline
 
     spec = load_pipeline(args.file)
     settings = _settings(args, KafkaSettings)

@@ -9,8 +9,8 @@ import json
 import signal
 from typing import Any
 
-from .config import WorkerSettings, load_settings
-from .errors import ConfigError
+from ..config import WorkerSettings, load_settings
+from ..errors import ConfigError
 
 __all__ = ["add_replay_parser", "run_replay"]
 
@@ -62,7 +62,7 @@ def run_replay(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
     from rich.console import Console
 
-    from .ranges import parse_offsets, parse_time_ms, resolve_range
+    from ..ranges import parse_offsets, parse_time_ms, resolve_range
 
     topic = args.topic or settings.request_topic
     target = args.pipeline or args.model or settings.model
@@ -74,7 +74,7 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
         to_ms=parse_time_ms(args.to_time) if args.to_time else None,
     )
     console = Console(stderr=True)
-    from .replay_jobs import job_running
+    from ..replay_jobs import job_running
 
     async with job_running(settings, topic, job):
         return await _run_job(args, settings, topic, job, target, spans, console)
@@ -83,7 +83,7 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
 async def _run_job(args: argparse.Namespace, settings: WorkerSettings, topic: str, job: str, target: str,
                    spans: Any, console: Any) -> int:
     if args.restart:
-        from .replay_jobs import forget
+        from ..replay_jobs import forget
 
         await forget(settings, topic, job)
         if args.republish:
@@ -100,7 +100,7 @@ async def _run_job(args: argparse.Namespace, settings: WorkerSettings, topic: st
             summary = await republish(settings, topic, job, target, spans, args.sink, rate=args.rate,
                                       progress=progress, stop=stop, checkpoint_s=args.checkpoint_s)
         elif args.processes > 1:
-            from ._replay_parallel import replay_in_processes
+            from .replay_parallel import replay_in_processes
 
             summary = await replay_in_processes(args, settings, topic, job, spans, progress)
         else:
@@ -119,8 +119,8 @@ async def _offline(args: argparse.Namespace, settings: WorkerSettings, topic: st
                    spans: Any, progress: Any) -> Any:
     from consumers.replay import Engine, ReplayJob, replay_codec
 
-    from .pipeline import load_pipeline
-    from .sinks import open_sink
+    from ..pipeline import load_pipeline
+    from ..sinks import open_sink
 
     codec = replay_codec(settings)
     if args.pipeline:
