@@ -16,7 +16,7 @@ from aiokafka.helpers import create_ssl_context
 from . import _records
 from ._produce import KeyPartitions, append_open, append_record
 from .config import KafkaSettings
-from .errors import AuthenticationFailed, BrokerError, TlsFailed
+from .errors import AuthenticationFailed, BrokerError, ConfigError, TlsFailed
 from .partitioners import make_partitioner
 
 _records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
@@ -37,6 +37,7 @@ __all__ = [
     "offset_bounds",
     "partition_leaders",
     "producer",
+    "require_topic",
     "start",
     "started",
     "topic_partitions",
@@ -346,6 +347,14 @@ async def committed_offsets(
             if not getattr(exc, "retriable", False) or loop.time() > deadline:
                 raise
         await asyncio.sleep(0.2)
+
+
+async def require_topic(settings: KafkaSettings, client: Any, topic: str, setting: str) -> None:
+    """Raise :class:`ConfigError` naming ``topic`` and the ``setting`` that names it when the cluster says the
+    topic does not exist (or may not be read); ``client``: a started producer's or consumer's ``.client``."""
+    if (await topic_partitions(client, [topic])).get(topic) == 0:
+        raise ConfigError(f"topic {topic!r} does not exist on the cluster at {settings.bootstrap_servers} (or this "
+                          f"client may not use it): create it (streamer topics create) or name another ({setting})")
 
 
 async def topic_partitions(client: Any, topics: Iterable[str], timeout_s: float = 5.0) -> dict[str, int]:

@@ -140,3 +140,16 @@ async def test_demo_shows_saturation_throughput_and_steady_latency(worker_settin
     assert "saturation: 300 requests at once through 1 workers" in text and "requests/s, mean batch" in text
     assert "steady 150/s for 1 s (150 requests; --rate to choose): latency p50" in text
     assert "all 300 results match the model run directly, and all 150 of the steady run" in text
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize(("command", "setting"), [(("publish", "--model", "tiny-mlp"), "STREAMER_REQUEST_TOPIC"),
+                                                  (("results", "--count", "1"), "STREAMER_RESULTS_TOPIC")])
+async def test_a_missing_topic_is_named_with_its_setting(command: tuple[str, ...], setting: str,
+                                                         worker_settings: WorkerSettings) -> None:
+    """The topics of these settings were never created: one line naming the topic and the setting, exit 2 (not a
+    wait for a topic that will never come, nor one that the broker creates by accident)."""
+    out = await asyncio.to_thread(_streamer, *command, env=settings_env(worker_settings), stdin="[1]\n")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist on the cluster" in lines[0] and setting in lines[0], out.stderr

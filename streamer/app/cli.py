@@ -155,6 +155,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         producer = kafka.producer(settings)
         sent = 0
         async with kafka.started(settings, producer):
+            await kafka.require_topic(settings, producer.client, settings.request_topic,
+                                      "--request-topic or STREAMER_REQUEST_TOPIC")
             for lineno, line in enumerate(stream, 1):
                 if not line.strip():
                     continue
@@ -222,12 +224,15 @@ def cmd_results(args: argparse.Namespace) -> int:
     codec = Codec()
 
     async def follow() -> int:
-        consumer = kafka.consumer(settings, topic, group_id=None,
+        consumer = kafka.consumer(settings, group_id=None,
                                   auto_offset_reset="earliest" if args.from_beginning else "latest")
         seen = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + args.timeout_s if args.timeout_s else None
         async with kafka.started(settings, consumer):
+            await kafka.require_topic(settings, consumer._client, topic,
+                                      "--topic" if args.topic else "--results-topic or STREAMER_RESULTS_TOPIC")
+            consumer.subscribe([topic])
             while args.count is None or seen < args.count:
                 if deadline is not None and loop.time() > deadline:
                     return 1
