@@ -31,7 +31,7 @@ from schemas import (
 )
 from streamer import kafka
 from streamer.config import ClientSettings, load_settings
-from streamer.errors import InferenceError
+from streamer.errors import FatalError, InferenceError
 
 from ._replies import ReplyRouter, Sink
 
@@ -285,8 +285,8 @@ class StreamerClient:
     def _delivered(self, tp: TopicPartition, batch: Any, ids: list[str], future: asyncio.Future[Any]) -> None:
         if (current := self._open.get(tp)) is not None and current[0] is batch:
             del self._open[tp]
-        if future.cancelled():
-            exc: BaseException | None = asyncio.CancelledError("the record batch was cancelled")
+        if future.cancelled():  # the producer dropped it (closing): a failure to send, not the caller's cancel
+            exc: BaseException | None = FatalError("the request was not sent: the producer dropped its record batch")
         else:
             exc = future.exception()
         if exc is not None:
