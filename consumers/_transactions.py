@@ -72,12 +72,7 @@ class TransactionalProducers:
                                   transaction_timeout_ms=max(10_000, 2 * self.settings.session_timeout_ms),
                                   max_batch_size=self.settings.producer_batch_bytes,
                                   request_timeout_ms=self.settings.produce_timeout_ms)
-        try:
-            async with kafka.translated_errors(self.settings):
-                await producer.start()  # fences any older producer of this id and aborts its open transaction
-        except BaseException:
-            await producer.stop()
-            raise
+        await kafka.start(self.settings, producer)  # fences any older producer of this id, aborts its open transaction
         self._producers[tp] = producer
         return producer
 

@@ -176,14 +176,11 @@ class ReplyRouter:
             while queue:
                 expiry, rid = queue[0]
                 waiter = self._waiters.get(rid)
-                if waiter is not None:
-                    if isinstance(waiter, asyncio.Future) and waiter.cancelled():
-                        self.forget(rid)
-                    elif expiry <= now:
-                        self.forget(rid)
-                        _fail(waiter, InferenceTimeout(rid, timeout))
-                    else:
+                if waiter is not None:  # (a cancelled submit is forgotten by its own callback)
+                    if expiry > now:
                         break
+                    self.forget(rid)
+                    _fail(waiter, InferenceTimeout(rid, timeout))
                 queue.popleft()
             if not queue:
                 del self._deadlines[timeout]

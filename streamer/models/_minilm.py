@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ..errors import BadInput, ModelNotFound
 from ._base import Model
 
-__all__ = ["MAX_SEQ_LEN", "MiniLM", "check_text", "load_tokenizer", "minilm_dir", "pad_ids", "token_ids"]
+__all__ = ["MAX_SEQ_LEN", "MiniLM", "check_text", "load_tokenizer", "minilm_dir", "pad_ids", "token_ids",
+           "token_rows"]
 
 MAX_SEQ_LEN = 256  # sentence-transformers' max_seq_length for this model
 MAX_CHARS = 20_000
@@ -102,6 +103,20 @@ def token_ids(inputs: Any, vocab: int) -> np.ndarray[Any, Any]:
     return arr
 
 
+def token_rows(tokenizer: Any, items: list[Any], dtype: Any = np.int64) -> list[np.ndarray[Any, Any]]:
+    """Each item's unpadded token ids: checked ids (:func:`token_ids`) as they are, sentences tokenized together
+    and each trimmed to its own length (the tokenizer may pad to the batch's longest)."""
+    texts = [x for x in items if isinstance(x, str)]
+    tokens = iter(tokenizer.encode_batch(texts) if texts else ())
+    rows = []
+    for x in items:
+        if isinstance(x, str):
+            e = next(tokens)
+            x = e.ids[: sum(e.attention_mask)]
+        rows.append(np.asarray(x, dtype=dtype))
+    return rows
+
+
 def pad_ids(rows: list[np.ndarray[Any, Any]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad 1-D id rows (or [L, H] float rows) into a batch, with its attention mask."""
     width = max(r.shape[0] for r in rows)
@@ -163,14 +178,7 @@ class MiniLM(Model):
             ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
             mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
             return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-        tokens = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
-        rows = []
-        for x in items:  # token ids as they are; sentences tokenized, trimmed to their own length
-            if isinstance(x, str):
-                e = next(tokens)
-                x = np.asarray(e.ids[: sum(e.attention_mask)], dtype=np.int64)
-            rows.append(x)
-        return pad_ids(rows, self.device)
+        return pad_ids(token_rows(self.tokenizer, items), self.device)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch

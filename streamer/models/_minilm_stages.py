@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import BadInput
 from ._base import Model
-from ._minilm import MAX_SEQ_LEN, MiniLM, check_text, load_tokenizer, pad_ids, token_ids
+from ._minilm import MAX_SEQ_LEN, MiniLM, check_text, load_tokenizer, pad_ids, token_ids, token_rows
 
 __all__ = ["MiniLMEncode", "MiniLMLayers", "MiniLMTokenize"]
 
@@ -44,10 +44,7 @@ class MiniLMTokenize(Model):
         return check_text(inputs) if isinstance(inputs, str) else token_ids(inputs, self.vocab_size)
 
     def prepare(self, items: list[Any]) -> Any:
-        texts = [x for x in items if isinstance(x, str)]
-        tokens = iter(self.tokenizer.encode_batch(texts) if texts else ())
-        return [np.asarray(next(tokens).ids, dtype=np.int32) if isinstance(x, str) else x.astype(np.int32, copy=False)
-                for x in items]
+        return token_rows(self.tokenizer, items, np.int32)
 
     def forward(self, batch: Any) -> Any:
         return batch
