@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamer import kafka
 from streamer.config import KafkaSettings, WorkerSettings, load_settings
 from streamer.models import load_model
 from streamer.pipeline import PipelineSpec
@@ -44,4 +45,6 @@ def stage_worker(spec: PipelineSpec, stage: str, settings: KafkaSettings, **over
     st = spec.stage(stage)
     ws = stage_settings(spec, stage, settings, **overrides)
     model = load_model(st.callable, ws.device, **st.options)
-    return Worker(ws, model=model, route=stage_route(spec, st.name))
+    source = kafka.TopicSource(f"the input topic of stage {st.name!r} in pipeline {spec.name!r}",
+                               f"streamer pipeline create {spec.name}")
+    return Worker(ws, model=model, route=stage_route(spec, st.name), source=source)

@@ -28,6 +28,7 @@ from streamer import kafka
 from streamer.assignors import assignors
 from streamer.batching import BatchPolicy, BatchQueue
 from streamer.config import WorkerSettings
+from streamer.logs import quiet
 from streamer.metrics import WorkerMetrics
 from streamer.models import Model, load_model
 
@@ -66,8 +67,10 @@ class Worker:
         model: Model | None = None,
         limits: Limits | None = None,
         route: Route | None = None,
+        source: kafka.TopicSource = kafka.REQUEST_TOPIC,
     ) -> None:
         self.settings = settings
+        self._source = source
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -142,7 +145,12 @@ class Worker:
             if self.settings.metrics_port is not None:  # up before the group sees this member
                 port = self.metrics.serve(self.settings.metrics_port)
                 log.info("metrics on http://0.0.0.0:%d/metrics", port)
-            await kafka.wait_for_cluster(self.settings, self.settings.startup_timeout_s)
+            with quiet("aiokafka"):  # until the cluster answers, the one line below says what is wrong
+                await kafka.wait_for_cluster(self.settings, self.settings.startup_timeout_s)
+                async with kafka.translated_errors(self.settings):
+                    await self._producer.start()
+                await kafka.require_topic(self.settings, self._producer.client, self.settings.request_topic,
+                                          self._source, wait_s=self.settings.startup_timeout_s)
             # What start-up made (modules, the model, torch's state) lives as long as the process: keep it out of
             # the cyclic collector's scans, which the hot path's allocations would otherwise trigger on the whole
             # heap. Done before joining the group, so the pause is not a member's.
@@ -150,7 +158,6 @@ class Worker:
             gc.freeze()
             gc.set_threshold(*_GC_THRESHOLDS)
             async with kafka.translated_errors(self.settings):
-                await self._producer.start()
                 await self._consumer.start()
         except BaseException:
             await self._consumer.stop()

@@ -268,19 +268,32 @@ class LocalKafka:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                tail = (self.data_dir / "broker.out").read_text(errors="replace")[-3000:]
-                raise BrokerError(f"the Kafka broker exited with code {self._proc.returncode}:\n{tail}")
+                raise BrokerError(f"the Kafka broker exited with code {self._proc.returncode}: {self._why()}")
             if self._started_logged():
                 return
             time.sleep(0.2)
         raise BrokerError(f"the Kafka broker did not start within {timeout_s:g} s (log: {self.log_file})")
 
-    def _started_logged(self) -> bool:
+    def _this_run_log(self) -> str:
         if not self.log_file.exists():
-            return False
+            return ""
         with self.log_file.open("rb") as f:
             f.seek(self._log_offset)  # this run's lines only: the log is kept across restarts
-            return b"Kafka Server started" in f.read()
+            return f.read().decode(errors="replace")
+
+    def _why(self) -> str:
+        """The first error of this run's log with the exception line after it (say, "Socket server failed to bind
+        to 127.0.0.1:9092: Address already in use."), else the tail of the JVM's own output."""
+        lines = self._this_run_log().splitlines()
+        for i, line in enumerate(lines):
+            if " ERROR " in line:
+                cause = next((x for x in lines[i + 1:i + 3] if "Exception" in x or "Error" in x), "")
+                return " ".join((line.split("] ", 1)[-1] + " " + cause.split(": ", 1)[-1]).split())
+        out = self.data_dir / "broker.out"
+        return " ".join(out.read_text(errors="replace")[-600:].split()) if out.exists() else "(no output)"
+
+    def _started_logged(self) -> bool:
+        return "Kafka Server started" in self._this_run_log()
 
     @property
     def running(self) -> bool:

@@ -95,7 +95,8 @@ class WorkerSettings(KafkaSettings):
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="larger requests are rejected")
     max_tensor_elements: int = Field(default=16 * 1024 * 1024, ge=1)
     startup_timeout_s: float = Field(
-        default=60.0, ge=0, description="a worker started before its cluster answers retries for this long"
+        default=60.0, ge=0,
+        description="a worker started before its cluster answers, or before its request topic exists, waits this long",
     )
     produce_timeout_ms: int = Field(
         default=30_000, ge=1000, le=300_000,

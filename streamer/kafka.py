@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,9 @@ from .partitioners import make_partitioner
 _records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
 
 __all__ = [
+    "REQUEST_TOPIC",
     "KeyPartitions",
+    "TopicSource",
     "TopicSpec",
     "admin",
     "admin_client",
@@ -209,8 +212,6 @@ async def wait_for_cluster(settings: KafkaSettings, timeout_s: float) -> None:
     clients do, instead of exiting. Refused credentials fail at once; after ``timeout_s`` the last
     failure comes out as a :class:`BrokerError` naming the bootstrap servers.
     """
-    import logging
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     delay, said = 0.5, False
@@ -349,12 +350,38 @@ async def committed_offsets(
         await asyncio.sleep(0.2)
 
 
-async def require_topic(settings: KafkaSettings, client: Any, topic: str, setting: str) -> None:
-    """Raise :class:`ConfigError` naming ``topic`` and the ``setting`` that names it when the cluster says the
-    topic does not exist (or may not be read); ``client``: a started producer's or consumer's ``.client``."""
-    if (await topic_partitions(client, [topic])).get(topic) == 0:
-        raise ConfigError(f"topic {topic!r} does not exist on the cluster at {settings.bootstrap_servers} (or this "
-                          f"client may not use it): create it (streamer topics create) or name another ({setting})")
+@dataclass(frozen=True, slots=True)
+class TopicSource:
+    """Where a topic's name comes from, for a user told that it does not exist: the ``setting`` that names it
+    and the command that creates it."""
+
+    setting: str
+    create: str = "streamer topics create"
+
+
+REQUEST_TOPIC = TopicSource("--request-topic or STREAMER_REQUEST_TOPIC")
+
+
+async def require_topic(settings: KafkaSettings, client: Any, topic: str, source: TopicSource, *,
+                        wait_s: float = 0.0) -> None:
+    """Raise :class:`ConfigError` naming ``topic``, the setting that names it and the command that creates it
+    (``source``) when the cluster says the topic does not exist (or may not be read); ``client``: a started
+    producer's or consumer's ``.client``. With ``wait_s``, a topic still missing is waited for that long
+    first (a worker started beside the job that creates its topics), said once in the log.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    said = False
+    while (await topic_partitions(client, [topic])).get(topic) == 0:
+        if loop.time() >= deadline:
+            raise ConfigError(f"topic {topic!r} does not exist on the cluster at {settings.bootstrap_servers} (or "
+                              f"this client may not use it): create it ({source.create}) or name another "
+                              f"({source.setting})")
+        if not said:
+            logging.getLogger("streamer").warning("topic %r does not exist yet; waiting for up to %g s "
+                                                  "(startup_timeout_s)", topic, wait_s)
+            said = True
+        await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
 
 
 async def topic_partitions(client: Any, topics: Iterable[str], timeout_s: float = 5.0) -> dict[str, int]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["JsonFormatter", "RepeatFilter", "setup_logging"]
+__all__ = ["JsonFormatter", "RepeatFilter", "quiet", "setup_logging"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -74,3 +76,20 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+@contextlib.contextmanager
+def quiet(name: str, level: int = logging.CRITICAL) -> Iterator[None]:
+    """Hold back logger ``name``'s records below ``level`` for the block (unless DEBUG is on).
+
+    Used while a process first reaches its cluster: until then streamer says in one line what is wrong, and
+    aiokafka's log of each failed connection attempt would only repeat it.
+    """
+    logger = logging.getLogger(name)
+    before = logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

@@ -109,5 +109,6 @@ async def _partitions(settings: KafkaSettings, topic: str) -> list[int]:
         described = await admin.describe_topics([topic])
     found = [d for d in described if d["topic"] == topic and not d["error_code"]]
     if not found:
-        raise ConfigError(f"topic {topic} does not exist")
+        raise ConfigError(f"topic {topic!r} does not exist on the cluster at {settings.bootstrap_servers} (or this "
+                          "client may not read it): name another (--topic)")
     return sorted(int(p["partition"]) for p in found[0]["partitions"])

@@ -78,6 +78,20 @@ def broker() -> Iterator[_Broker]:
         tansu.stop()
 
 
+@pytest.fixture(scope="module")
+def scram_broker() -> Iterator[Any]:
+    """An Apache Kafka with a SASL/SCRAM listener and one user, alice (password alice-s3cret)."""
+    if not shutil.which("java"):
+        pytest.skip("needs Java for the Apache Kafka broker")
+    from streamer.broker import LocalKafka
+
+    scram = LocalKafka(scram_users={"alice": "alice-s3cret"}).start()
+    try:
+        yield scram
+    finally:
+        scram.stop()
+
+
 @pytest.fixture
 def topics(broker: _Broker) -> dict[str, str]:
     """Random, unique topic and group names for one test."""

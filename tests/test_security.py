@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 needs_java = pytest.mark.skipif(not shutil.which("java"), reason="needs Java for the Apache Kafka broker")
 
 
-@pytest.fixture(scope="module")
-def scram_broker() -> Iterator[LocalKafka]:
-    broker = LocalKafka(scram_users={"alice": "alice-s3cret"}).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 def _sasl(broker: LocalKafka, password: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:8]
     return {"bootstrap_servers": broker.sasl_bootstrap_servers, "security_protocol": "SASL_PLAINTEXT",

@@ -11,15 +11,17 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ..config import ClientSettings, KafkaSettings, WorkerSettings, load_settings
-from ..errors import StreamerError
+from ..errors import ConfigError, StreamerError
 from ..logs import setup_logging
 from .replay import add_replay_parser
 
-# Commands that are clients of the cluster for a moment (not long-running members of it).
-_CLIENT_COMMANDS = frozenset({"topics", "publish", "results", "status", "replay", "pipeline"})
+# Commands that are clients of the cluster for a moment (not long-running members of it), and the demo: they
+# say in one line what failed (see kafka.translated_errors), which aiokafka's error log of each failed
+# connection attempt would only repeat. Workers and stages quiet it until they first reach the cluster.
+_QUIET_COMMANDS = frozenset({"topics", "publish", "results", "status", "replay", "pipeline", "demo"})
 
 __all__ = ["main"]
 
@@ -39,6 +41,19 @@ _KAFKA_FLAGS = {
     "results_topic": "shared results topic",
     "dead_letter_topic": "topic of dead letters",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers a usage error in one line naming the command, where its flags are listed, and
+    exit status 2 (argparse's own answer starts with a usage block of several lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists its arguments\n")
+
+
+def _leaf(p: argparse.ArgumentParser, func: Any) -> None:
+    """Make ``p`` a command that runs ``func``; its name is kept for the usage errors found after parsing."""
+    p.set_defaults(func=func, command_prog=p.prog)
 
 
 def _add_kafka(p: argparse.ArgumentParser) -> None:
@@ -81,6 +96,18 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the broker binds: TIME_WAIT is no conflict
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_broker(args: argparse.Namespace) -> int:
     from ..broker import LocalKafka, kafka_jars
@@ -88,6 +115,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.fetch_only:
         print(kafka_jars())
         return 0
+    for flag, port in (("--port", args.port), ("--controller-port", args.controller_port)):
+        if port is not None and not _port_free(port):
+            raise ConfigError(f"port {port} on 127.0.0.1 is in use ({flag}): choose another, or leave {flag} out "
+                              "for a free one")
     broker = LocalKafka(port=args.port, controller_port=args.controller_port, data_dir=args.data_dir,
                         heap_mb=args.heap_mb)
     stop = {"now": False}
@@ -155,8 +186,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         producer = kafka.producer(settings)
         sent = 0
         async with kafka.started(settings, producer):
-            await kafka.require_topic(settings, producer.client, settings.request_topic,
-                                      "--request-topic or STREAMER_REQUEST_TOPIC")
+            await kafka.require_topic(settings, producer.client, settings.request_topic, kafka.REQUEST_TOPIC)
             for lineno, line in enumerate(stream, 1):
                 if not line.strip():
                     continue
@@ -230,8 +260,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + args.timeout_s if args.timeout_s else None
         async with kafka.started(settings, consumer):
-            await kafka.require_topic(settings, consumer._client, topic,
-                                      "--topic" if args.topic else "--results-topic or STREAMER_RESULTS_TOPIC")
+            await kafka.require_topic(settings, consumer._client, topic, kafka.TopicSource(
+                "--topic" if args.topic else "--results-topic or STREAMER_RESULTS_TOPIC"))
             consumer.subscribe([topic])
             while args.count is None or seen < args.count:
                 if deadline is not None and loop.time() > deadline:
@@ -311,7 +341,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamer", description="Batched PyTorch inference on Apache Kafka.")
+    parser = _Parser(prog="streamer", description="Batched PyTorch inference on Apache Kafka.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument("--log-format", default=None, choices=["text", "json"],
                         help="text (default) or json: one JSON object per line (or STREAMER_LOG_FORMAT)")
@@ -323,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="keep data here across restarts (default: temporary)")
     p.add_argument("--heap-mb", type=int, default=384, help="JVM heap in MiB")
     p.add_argument("--fetch-only", action="store_true", help="only resolve the jars into the cache")
-    p.set_defaults(func=cmd_broker)
+    _leaf(p, cmd_broker)
 
     p = sub.add_parser("topics", help="manage topics")
     tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
@@ -332,12 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--partitions", type=int, default=8, help="partitions of the request and results topics")
     c.add_argument("--dead-letter-partitions", type=int, default=1)
     c.add_argument("--replication-factor", type=int, default=1)
-    c.set_defaults(func=cmd_topics_create)
+    _leaf(c, cmd_topics_create)
 
     p = sub.add_parser("worker", help="run one worker of the group")
     _add_kafka(p)
     _add_worker(p)
-    p.set_defaults(func=cmd_worker)
+    _leaf(p, cmd_worker)
 
     p = sub.add_parser("publish", help="publish requests from JSON Lines; prints their ids")
     _add_kafka(p)
@@ -345,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model for lines that name none")
     p.add_argument("--reply-topic", default=None, help="where results go (default: the results topic)")
     p.add_argument("--reply-partition", type=int, default=None, help="a fixed partition of the reply topic")
-    p.set_defaults(func=cmd_publish)
+    _leaf(p, cmd_publish)
 
     p = sub.add_parser("results", help="follow results as JSON lines")
     _add_kafka(p)
@@ -353,14 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
     p.add_argument("--count", type=int, default=None, help="stop after this many results")
     p.add_argument("--timeout-s", type=float, default=None, help="give up (exit 1) after this long")
-    p.set_defaults(func=cmd_results)
+    _leaf(p, cmd_results)
 
     p = sub.add_parser("status", help="a consumer group's members, partitions and lag")
     p.add_argument("group", help="consumer group id (workers: STREAMER_GROUP_ID, stages: <pipeline>.<stage>)")
     _add_kafka(p)
     p.add_argument("--topic", action="append", default=[], help="also show this topic's lag (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
+    _leaf(p, cmd_status)
 
     add_replay_parser(sub, _add_kafka)
 
@@ -368,13 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     c = psub.add_parser("show", help="print the stages, topics and groups of a pipeline spec")
     c.add_argument("file", help="a pipeline spec (TOML), or a built-in: minilm-2stage, minilm-split")
-    c.set_defaults(func=cmd_pipeline_show)
+    _leaf(c, cmd_pipeline_show)
     c = psub.add_parser("create", help="create a pipeline's topics")
     c.add_argument("file", help="a pipeline spec (TOML), or a built-in: minilm-2stage, minilm-split")
     _add_kafka(c)
     c.add_argument("--partitions", type=int, default=8)
     c.add_argument("--replication-factor", type=int, default=1)
-    c.set_defaults(func=cmd_pipeline_create)
+    _leaf(c, cmd_pipeline_create)
 
     p = sub.add_parser("stage", help="run one worker of one stage of a pipeline")
     p.add_argument("file", help="a pipeline spec (TOML), or a built-in: minilm-2stage, minilm-split")
@@ -388,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"])
     g.add_argument("--metrics-port", dest="metrics_port", default=None,
                    help="serve Prometheus metrics on this port (0: a free one)")
-    p.set_defaults(func=cmd_stage)
+    _leaf(p, cmd_stage)
 
     p = sub.add_parser("demo", help="run the whole system end to end on an embedded broker")
     _add_kafka(p)
@@ -402,20 +432,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests/s of the steady run that measures latency (default: half the saturation throughput)")
     p.add_argument("--rate-seconds", type=float, default=3.0, help="length of the steady run (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_demo)
+    _leaf(p, cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # found by the top-level parser, but the flags belong to the command (`streamer worker --x`)
+        prog = args.command_prog
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}; `{prog} --help` lists its arguments",
+              file=sys.stderr)
+        return 2
     try:
         setup_logging(args.log_level, args.log_format)
     except ValueError as exc:
-        print(f"streamer: error: {exc} (--log-format or STREAMER_LOG_FORMAT)", file=sys.stderr)
+        print(f"streamer: error: {exc} (--log-level: DEBUG, INFO, WARNING or ERROR; --log-format or "
+              "STREAMER_LOG_FORMAT: text or json)", file=sys.stderr)
         return 2
-    if args.command in _CLIENT_COMMANDS and args.log_level.upper() != "DEBUG":
-        # The command says in one line what failed (see kafka.translated_errors); aiokafka's own error logs
-        # of each failed connection attempt would repeat it.
+    if args.command in _QUIET_COMMANDS and args.log_level.upper() != "DEBUG":
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))

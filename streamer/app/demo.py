@@ -74,7 +74,6 @@ def run_demo(args: argparse.Namespace) -> int:
         console.print("[bold]starting Apache Kafka[/] (jars from Maven Central, cached after the first run)")
         broker = LocalKafka().start()
         args.bootstrap_servers = broker.bootstrap_servers
-    console.print(f"broker: {args.bootstrap_servers}")
     workdir = Path(tempfile.mkdtemp(prefix="streamer-demo-"))
     workers: list[WorkerProcess] = []
     try:
@@ -108,6 +107,7 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
         kafka.TopicSpec(ws.results_topic, args.partitions),
         kafka.TopicSpec(ws.dead_letter_topic, 1),
     ])
+    console.print(f"broker: {ws.bootstrap_servers}")
     workers.extend(WorkerProcess(env, workdir / f"worker-{i}.log") for i in range(args.workers))
     model = load_model(ws.model, "cpu")
     inputs = model.example_inputs(args.requests, seed=7)

@@ -44,7 +44,7 @@ def add_replay_parser(sub: Any, add_kafka: Any) -> None:
     g.add_argument("--checkpoint-s", type=float, default=2.0,
                    help="how often the sink is made durable and progress committed (default: 2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_replay)
+    p.set_defaults(func=run_replay, command_prog=p.prog)
 
 
 def run_replay(args: argparse.Namespace) -> int:
