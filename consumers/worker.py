@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 
 from schemas import Codec, Limits
 from streamer import kafka
-from streamer.assignors import assignors
+from streamer.assignors import MemberCard, assignors
 from streamer.batching import BatchPolicy, BatchQueue
 from streamer.config import WorkerSettings
 from streamer.logs import quiet
@@ -109,8 +109,7 @@ class Worker:
             settings,
             group_id=settings.group_id,
             group_instance_id=settings.group_instance_id,
-            partition_assignment_strategy=assignors(settings.assignor, self._advertised_capacity,
-                                                    settings.group_instance_id or self.name),
+            partition_assignment_strategy=assignors(settings.assignor, self._card),
             client_id=f"{settings.client_id}-worker-{self.name}",
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
@@ -129,6 +128,11 @@ class Worker:
     def _scaling_capacity(self) -> float:
         """Items/s this worker sustains when busy: measured wall time, else the model-time figure."""
         return self._throughput or self._advertised_capacity()
+
+    def _card(self) -> MemberCard:
+        """What this member tells its group (read at each join): see streamer.assignors."""
+        return MemberCard(self.settings.group_instance_id or self.name, self._advertised_capacity() or None,
+                          self.model.name, str(self.model.version), self.metrics.port)
 
     def _advertised_capacity(self) -> float:
         """Items/s of model time: the configured figure, else the latest measure (0: unknown)."""

@@ -6,7 +6,10 @@ throughput (items/s of model time, see :class:`consumers.Worker`) in its subscri
 data, and the group leader gives each member a share of every topic's partitions in proportion
 to it, so a GPU worker takes more partitions than a CPU worker.
 
-The user data is JSON, readable from any language: ``{"v": 1, "capacity": 812.5, "id": "gpu-0"}``.
+Whatever the assignor, a worker's subscription carries its :class:`MemberCard` as user data: JSON,
+readable from any language, ``{"v": 1, "id": "gpu-0", "capacity": 812.5, "model": "minilm",
+"version": "1", "metrics": 9100}`` (``metrics``: the port of its Prometheus exporter, if it serves
+one). ``streamer status`` and ``streamer top`` read it from the group's description.
 
 The assignment is a pure function of the members' ids and capacities: capacities are rounded
 to two significant digits (measurement noise moves nothing), members are ordered by id (the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from aiokafka.cluster import ClusterMetadata
@@ -29,29 +33,55 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
-__all__ = ["AssignorName", "CapacityAssignor", "apportion", "assignors", "decode_capacity", "encode_capacity"]
+__all__ = ["AssignorName", "CapacityAssignor", "MemberCard", "apportion", "assignors"]
 
 AssignorName = Literal["range", "round-robin", "capacity"]
 
 
-def encode_capacity(capacity: float, identity: str) -> bytes:
-    return json.dumps({"v": 1, "capacity": round(capacity, 3), "id": identity}, separators=(",", ":")).encode()
+@dataclass(frozen=True, slots=True)
+class MemberCard:
+    """What a worker tells its group about itself, in its subscription's user data (see the module doc)."""
+
+    id: str
+    capacity: float | None = None
+    """Items/s it sustains (the capacity assignor's weight); None: not known."""
+    model: str | None = None
+    version: str | None = None
+    metrics_port: int | None = None
+
+    def encode(self) -> bytes:
+        data: dict[str, Any] = {"v": 1, "id": self.id, "capacity": round(self.capacity or 0.0, 3)}
+        data.update({k: v for k, v in (("model", self.model), ("version", self.version),
+                                       ("metrics", self.metrics_port)) if v is not None})
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, user_data: bytes | None) -> MemberCard | None:
+        """The card in ``user_data``; None if there is none or it is not ours. Fields of the wrong type are
+        left out (a member of another implementation may send anything)."""
+        if not user_data:
+            return None
+        try:
+            data = json.loads(user_data)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        capacity = data.get("capacity")
+        port = data.get("metrics")
+        return cls(
+            id=str(data.get("id", "")),
+            capacity=float(capacity) if isinstance(capacity, int | float) and math.isfinite(capacity)
+            and capacity > 0 else None,
+            model=data["model"] if isinstance(data.get("model"), str) else None,
+            version=data["version"] if isinstance(data.get("version"), str) else None,
+            metrics_port=port if isinstance(port, int) and 0 < port < 65536 else None,
+        )
 
 
-def _decode(user_data: bytes | None) -> dict[str, Any]:
-    if not user_data:
-        return {}
-    try:
-        data = json.loads(user_data)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def decode_capacity(user_data: bytes | None) -> float | None:
-    """The capacity a member advertised, or None (no user data, or not ours)."""
-    value = _decode(user_data).get("capacity")
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) and value > 0 else None
+def _capacity(user_data: bytes | None) -> float | None:
+    card = MemberCard.decode(user_data)
+    return card.capacity if card else None
 
 
 def _two_digits(x: float) -> float:
@@ -85,22 +115,20 @@ class CapacityAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     name: ClassVar[str] = "streamer-capacity"
     version: ClassVar[int] = 1
 
-    def __init__(self, capacity: Callable[[], float], identity: str) -> None:
-        self._capacity = capacity
-        self.identity = identity
+    def __init__(self, card: Callable[[], MemberCard]) -> None:
+        self._card = card
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        user_data = encode_capacity(self._capacity(), self.identity)
-        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), user_data)
+        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), self._card().encode())
 
     def assign(
         self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
-        facts = {m: _decode(meta.user_data) for m, meta in members.items()}
-        known = [c for m in members if (c := decode_capacity(members[m].user_data)) is not None]
+        cards = {m: MemberCard.decode(meta.user_data) for m, meta in members.items()}
+        known = [c for m in members if (c := _capacity(members[m].user_data)) is not None]
         fallback = sorted(known)[len(known) // 2] if known else 1.0  # a member without a figure: the median
-        weight = {m: _two_digits(decode_capacity(members[m].user_data) or fallback) for m in members}
-        order = sorted(members, key=lambda m: (str(facts[m].get("id", "")), m))
+        weight = {m: _two_digits(_capacity(members[m].user_data) or fallback) for m in members}
+        order = sorted(members, key=lambda m: (card.id if (card := cards[m]) else "", m))
         topics = sorted({t for meta in members.values() for t in meta.subscription})
         owned: dict[str, dict[str, list[int]]] = {m: {} for m in members}
         for topic in topics:
@@ -121,16 +149,37 @@ class CapacityAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         pass
 
 
-def assignors(name: str, capacity: Callable[[], float], identity: str) -> tuple[Any, ...]:
-    """The ``partition_assignment_strategy`` for a worker's consumer.
+class _Carded:
+    """One of Kafka's classic assignors (range, round-robin), unchanged, whose subscriptions carry the member's
+    card. The protocol keeps its name, so members without a card (other clients) still join the same group."""
+
+    def __init__(self, base: type[AbstractPartitionAssignor], card: Callable[[], MemberCard]) -> None:
+        self._base = base
+        self._card = card
+        self.name: str = base.name
+        self.version: int = base.version
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        return ConsumerProtocolMemberMetadata(self.version, list(topics), self._card().encode())
+
+    def assign(self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]) -> Any:
+        return self._base.assign(cluster, members)
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        self._base.on_assignment(assignment)
+
+
+def assignors(name: str, card: Callable[[], MemberCard]) -> tuple[Any, ...]:
+    """The ``partition_assignment_strategy`` for a worker's consumer; every one carries ``card()`` (read at each
+    join, so its figures are current).
 
     ``capacity`` also offers round-robin, so a group in a rolling change between the two keeps
     working (the broker picks a protocol every member offers).
     """
     if name == "range":
-        return (RangePartitionAssignor,)
+        return (_Carded(RangePartitionAssignor, card),)
     if name == "round-robin":
-        return (RoundRobinPartitionAssignor,)
+        return (_Carded(RoundRobinPartitionAssignor, card),)
     if name == "capacity":
-        return (CapacityAssignor(capacity, identity), RoundRobinPartitionAssignor)
+        return (CapacityAssignor(card), _Carded(RoundRobinPartitionAssignor, card))
     raise ValueError(f"unknown assignor {name!r}; choose from range, round-robin, capacity")

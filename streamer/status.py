@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
 from . import kafka
-from .assignors import decode_capacity
+from .assignors import MemberCard
 from .config import KafkaSettings
 
 __all__ = ["GroupStatus", "MemberStatus", "PartitionStatus", "group_status"]
@@ -29,7 +29,11 @@ class MemberStatus:
     host: str
     partitions: list[str]
     capacity: float | None = None
-    """Items/s the member advertised (capacity-aware assignor only)."""
+    """Items/s the member advertised (its card; streamer.assignors.MemberCard)."""
+    model: str | None = None
+    version: str | None = None
+    metrics_port: int | None = None
+    """Its Prometheus exporter's port (on ``host``), when it serves one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +78,18 @@ async def group_status(settings: KafkaSettings, group_id: str, topics: list[str]
         owners: dict[TopicPartition, MemberStatus] = {}
         wanted = set(topics or [])
         for member_id, client_id, host, metadata, assignment in raw_members:
-            capacity = None
+            card = None
             if metadata:
                 meta = ConsumerProtocolMemberMetadata.decode(metadata)
                 wanted.update(meta.subscription)
-                capacity = decode_capacity(meta.user_data)
+                card = MemberCard.decode(meta.user_data)
             owned = []
             if assignment:
                 for topic, parts in ConsumerProtocolMemberAssignment.decode(assignment).assignment:
                     owned += [TopicPartition(topic, p) for p in parts]
-            m = MemberStatus(str(member_id), str(client_id), str(host),
-                             [f"{tp.topic}-{tp.partition}" for tp in sorted(owned)], capacity)
+            m = MemberStatus(str(member_id), str(client_id), str(host).lstrip("/"),
+                             [f"{tp.topic}-{tp.partition}" for tp in sorted(owned)],
+                             *((card.capacity, card.model, card.version, card.metrics_port) if card else ()))
             members.append(m)
             owners.update(dict.fromkeys(owned, m))
         if not offsets:
@@ -114,9 +119,10 @@ def render(status: GroupStatus) -> Any:
 
     head = Text(f"group {status.group}: {status.state}, assignor {status.assignor or '-'}, "
                 f"{len(status.members)} members, total lag {status.total_lag}")
-    members = Table("MEMBER", "CLIENT-ID", "HOST", "PARTITIONS", "CAPACITY", title="members", title_justify="left")
+    members = Table("MEMBER", "CLIENT-ID", "HOST", "MODEL", "VERSION", "PARTITIONS", "CAPACITY", title="members",
+                    title_justify="left")
     for m in status.members:
-        members.add_row(m.member_id, m.client_id, m.host, str(len(m.partitions)),
+        members.add_row(m.member_id, m.client_id, m.host, m.model or "-", m.version or "-", str(len(m.partitions)),
                         f"{m.capacity:,.1f}/s" if m.capacity is not None else "-")
     parts = Table("TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "CLIENT-ID",
                   title="partitions", title_justify="left")

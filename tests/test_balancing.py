@@ -14,7 +14,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, Cons
 
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
-from streamer.assignors import CapacityAssignor, apportion, assignors, decode_capacity, encode_capacity
+from streamer.assignors import CapacityAssignor, MemberCard, apportion, assignors
 from streamer.models import load_model
 
 from .helpers import Processes, settings_env
@@ -32,7 +32,7 @@ class _Cluster:
 def _members(spec: dict[str, tuple[str, float | None]], topics: list[str]) -> dict[str, Any]:
     """member_id -> metadata, from member_id -> (identity, capacity)."""
     return {
-        mid: ConsumerProtocolMemberMetadata(1, topics, encode_capacity(cap or 0.0, ident))
+        mid: ConsumerProtocolMemberMetadata(1, topics, MemberCard(ident, cap).encode())
         for mid, (ident, cap) in spec.items()
     }
 
@@ -52,7 +52,7 @@ def test_apportion_is_proportional_and_gives_everyone_one() -> None:
 
 
 def test_capacity_assignor_is_proportional_and_stable_across_rejoins() -> None:
-    assignor = CapacityAssignor(lambda: 1.0, "x")
+    assignor = CapacityAssignor(lambda: MemberCard("x", 1.0))
     cluster = _Cluster({"req": 12, "other": 3})
     spec: dict[str, tuple[str, float | None]] = {"m-1": ("gpu", 3000.0), "m-2": ("cpu-a", 1000.0),
                                                  "m-3": ("cpu-b", 1000.0)}
@@ -67,10 +67,10 @@ def test_capacity_assignor_is_proportional_and_stable_across_rejoins() -> None:
 
 
 def test_capacity_assignor_handles_unknown_capacity_and_partial_subscriptions() -> None:
-    assignor = CapacityAssignor(lambda: 1.0, "x")
+    assignor = CapacityAssignor(lambda: MemberCard("x", 1.0))
     cluster = _Cluster({"a": 6, "b": 4})
     members = {
-        "m1": ConsumerProtocolMemberMetadata(1, ["a", "b"], encode_capacity(200.0, "w1")),
+        "m1": ConsumerProtocolMemberMetadata(1, ["a", "b"], MemberCard("w1", 200.0).encode()),
         "m2": ConsumerProtocolMemberMetadata(1, ["a"], b""),  # no figure: counted as the median
         "m3": ConsumerProtocolMemberMetadata(1, ["a", "b"], b"not json"),
     }
@@ -80,20 +80,30 @@ def test_capacity_assignor_handles_unknown_capacity_and_partial_subscriptions() 
     assert "b" not in result["m2"]
 
 
-def test_capacity_user_data_is_plain_json() -> None:
-    data = encode_capacity(812.5, "gpu-0")
-    assert json.loads(data) == {"v": 1, "capacity": 812.5, "id": "gpu-0"}
-    assert decode_capacity(data) == 812.5
-    assert decode_capacity(b"") is None
-    assert decode_capacity(b"\x00\x01") is None
-    assert decode_capacity(encode_capacity(0.0, "idle")) is None
+def test_member_card_is_plain_json_and_reads_what_anyone_sends() -> None:
+    data = MemberCard("gpu-0", 812.5, "minilm", "2", 9100).encode()
+    assert json.loads(data) == {"v": 1, "id": "gpu-0", "capacity": 812.5, "model": "minilm", "version": "2",
+                                "metrics": 9100}
+    assert MemberCard.decode(data) == MemberCard("gpu-0", 812.5, "minilm", "2", 9100)
+    assert json.loads(MemberCard("idle").encode()) == {"v": 1, "id": "idle", "capacity": 0.0}
+    assert MemberCard.decode(MemberCard("idle").encode()) == MemberCard("idle")
+    for foreign in (b"", b"\x00\x01", b"[1]", b"null"):
+        assert MemberCard.decode(foreign) is None
+    # Another implementation's card with fields of the wrong type: those fields are left out.
+    odd = json.dumps({"id": 7, "capacity": "fast", "model": ["m"], "version": 2, "metrics": 70000}).encode()
+    assert MemberCard.decode(odd) == MemberCard("7")
 
 
-def test_capacity_offers_round_robin_too() -> None:
-    chosen = assignors("capacity", lambda: 5.0, "w")
+def test_capacity_offers_round_robin_too_and_every_assignor_carries_the_card() -> None:
+    card = MemberCard("w", 5.0, "tiny-mlp", "1", None)
+    chosen = assignors("capacity", lambda: card)
     assert [getattr(a, "name", None) for a in chosen] == ["streamer-capacity", "roundrobin"]
+    for name, protocol in (("range", "range"), ("round-robin", "roundrobin"), ("capacity", "streamer-capacity")):
+        first = assignors(name, lambda: card)[0]
+        assert first.name == protocol
+        assert MemberCard.decode(first.metadata(["t"]).user_data) == card
     with pytest.raises(ValueError, match="unknown assignor"):
-        assignors("sticky", lambda: 1.0, "w")
+        assignors("sticky", lambda: card)
 
 
 def _status(ws: WorkerSettings, group: str) -> dict[str, Any]:
@@ -142,6 +152,8 @@ async def test_capacity_assignor_and_status_with_real_workers(
     by_client = {m["client_id"].split("-worker-")[0]: m for m in first["members"]}
     assert {k: len(m["partitions"]) for k, m in by_client.items()} == {"a": 6, "b": 2}
     assert {k: m["capacity"] for k, m in by_client.items()} == {"a": 300, "b": 100}
+    version = str(load_model("tiny-mlp", "cpu").version)  # "1+<digest of the weights>"
+    assert {(m["model"], m["version"]) for m in first["members"]} == {("tiny-mlp", version)}
 
     # A third member (its capacity measured, not configured) joins, then leaves: A and B get back
     # exactly what they had.
@@ -171,7 +183,8 @@ async def test_capacity_assignor_and_status_with_real_workers(
     # The human form: the same facts, as a table.
     text = _status_text(ws, ws.group_id)
     assert f"group {ws.group_id}: Stable, assignor streamer-capacity, 2 members, total lag 0" in text
-    for column in ("TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "CAPACITY", "300.0/s"):
+    for column in ("TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "CAPACITY", "300.0/s", "MODEL",
+                   "tiny-mlp"):
         assert column in text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from .replay import add_replay_parser
 # Commands that are clients of the cluster for a moment (not long-running members of it), and the demo: they
 # say in one line what failed (see kafka.translated_errors), which aiokafka's error log of each failed
 # connection attempt would only repeat. Workers and stages quiet it until they first reach the cluster.
-_QUIET_COMMANDS = frozenset({"topics", "publish", "results", "status", "replay", "pipeline", "demo"})
+_QUIET_COMMANDS = frozenset({"topics", "publish", "results", "status", "top", "replay", "pipeline", "demo"})
 
 __all__ = ["main"]
 
@@ -227,6 +228,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    settings = _settings(args, KafkaSettings)
+    group = args.group or os.environ.get("STREAMER_GROUP_ID") or WorkerSettings.model_fields["group_id"].default
+    with contextlib.suppress(KeyboardInterrupt):  # the way out of a live view
+        _run(run_top(settings, group, args.topic or [], args.interval, args.iterations))
+    return 0
+
+
 def _request_from_json(line: str, default_model: str | None, reply: Any) -> Any:
     from schemas import InferenceRequest, new_request_id
 
@@ -391,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", action="append", default=[], help="also show this topic's lag (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _leaf(p, cmd_status)
+
+    p = sub.add_parser("top", help="a live view of a worker group: members, partitions, lag, results/s, latency")
+    p.add_argument("group", nargs="?", default=None,
+                   help="consumer group id (default: STREAMER_GROUP_ID, else the workers' default group)")
+    _add_kafka(p)
+    p.add_argument("--topic", action="append", default=[], help="also show this topic's lag (repeatable)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
+    p.add_argument("--iterations", type=int, default=None, help="stop after this many refreshes")
+    _leaf(p, cmd_top)
 
     add_replay_parser(sub, _add_kafka)
 
