@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from schemas import ErrorCode
 
 __all__ = ["WorkerMetrics", "observe_many", "scaling_estimate"]
 
@@ -82,6 +84,10 @@ class WorkerMetrics:
                                "as of the group's commits", labels, registry=r)
         self.workers_needed = Gauge("streamer_workers_needed", "Workers like this one needed to keep up with the "
                                     "arrival rate and drain the lag in time", labels, registry=r)
+        # Series that count rare events exist (at 0) from the start, so that rate() and increase() see the first one.
+        self.labels(self.dropped)
+        for code in get_args(ErrorCode):
+            self.labels(self.dead_letters, code)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._assigned: set[tuple[str, int]] = set()

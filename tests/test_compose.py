@@ -36,7 +36,8 @@ BIN = Path(sys.executable).parent
 
 
 def test_compose_file_shape() -> None:
-    assert set(SERVICES) == {"kafka", "topics", "worker", "tokenize", "encode", "encode-gpu", "demo", "prometheus"}
+    assert set(SERVICES) == {"kafka", "topics", "worker", "tokenize", "encode", "encode-gpu", "demo", "prometheus",
+                             "grafana"}
     kafka_svc = SERVICES["kafka"]
     assert kafka_svc["image"].startswith("apache/kafka:4.1")
     assert kafka_svc["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, one node
