@@ -1,8 +1,8 @@
 """What a user sees when a command cannot do its job: every command, run as a subprocess, against a cluster that
-does not answer, a topic that does not exist, refused credentials and a flag it does not have. Each answers
-with one line that names the problem and the setting to change, no traceback and no aiokafka noise, and exit
-status 2 (README, "Exit status"). Workers and stages wait for their cluster and topic (``startup_timeout_s``)
-and may say so once before that line; nothing else may precede it.
+does not answer or whose name does not resolve, a topic that does not exist, refused credentials and a flag it
+does not have. Each answers with one line that names the problem and the setting to change, no traceback and no
+aiokafka noise, and exit status 2 (README, "Exit status"). Workers and stages wait for their cluster and topic
+(``startup_timeout_s``) and may say so once before that line; nothing else may precede it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "publish": ("publish", "--model", "tiny-mlp"),
     "results": ("results", "--count", "1", "--timeout-s", "30"),
     "status": ("status", "some-group"),
+    "top": ("top", "some-group", "--iterations", "2", "--interval", "0.5"),
     "replay": ("replay", "--topic", "{requests}", "--model", "tiny-mlp", "--sink", "{tmp}/replay.jsonl"),
     "pipeline create": ("pipeline", "create", "minilm-2stage"),
     "stage": ("stage", "minilm-2stage", "--stage", "tokenize"),
@@ -100,6 +101,9 @@ def _cases(live: str, sasl: str, tmp: Path) -> list[Case]:
         dead = f"127.0.0.1:{free_port()}"
         cases.append(Case("no cluster", command, args, {**base, "STREAMER_BOOTSTRAP_SERVERS": dead},
                           [f"cannot reach the cluster at {dead}", "STREAMER_BOOTSTRAP_SERVERS"]))
+        wrong = {**base, "STREAMER_BOOTSTRAP_SERVERS": "kafka.invalid:9092"}
+        cases.append(Case("wrong bootstrap", command, args, wrong,
+                          ["cannot reach the cluster at kafka.invalid:9092", "STREAMER_BOOTSTRAP_SERVERS"]))
         cases.append(Case("refused credentials", command, args, {
             **base, "STREAMER_BOOTSTRAP_SERVERS": sasl, "STREAMER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
             "STREAMER_SASL_MECHANISM": "SCRAM-SHA-256", "STREAMER_SASL_USERNAME": "alice",
