@@ -73,7 +73,8 @@ class Batch:
     (a result or a forwarded stage message) with its destination, its status, and its dead letter."""
 
     __slots__ = ("answers", "created", "dead", "dest_partition", "dest_topic", "ids", "inputs", "messages",
-                 "on_thread", "records", "run_of", "runnable", "runs", "started", "stats", "status", "values")
+                 "on_thread", "records", "run_of", "runnable", "runs", "started", "stats", "status", "values",
+                 "writer")
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs
@@ -99,6 +100,7 @@ class Batch:
         self.answers: list[Any] | None = None
         self.started = 0.0
         self.on_thread = False  # the model runs it on the model thread (not inline on the event loop)
+        self.writer: Any = None  # the encoder of the model version that ran it (weights may be reloaded meanwhile)
 
     def __len__(self) -> int:
         return len(self.records)

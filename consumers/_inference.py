@@ -94,6 +94,7 @@ class BatchRunner:
         self.route = route or Route(model.name)
         self.reader = FastReader(codec)
         self.writer = ResultWriter(codec, self.route.model, model.version, worker)
+        self._next: Model | None = None  # reloaded weights, served from the next batch on
         self.honor_deadlines = True  # replay of old traffic turns this off
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
         # Moving means of the model's time per batch and of the batch size it was measured at.
@@ -102,6 +103,15 @@ class BatchRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+    def replace(self, model: Model) -> None:
+        """Serve ``model`` (reloaded weights) from the next batch the model runs on; a batch that ran on the old one
+        is still labelled with the old one's version."""
+        self._next = model
+
+    def _swap(self, model: Model) -> None:
+        self.model, self._next = model, None
+        self.writer = ResultWriter(self.codec, self.route.model, model.version, self.worker)
 
     def warm_up(self) -> None:
         """Run the model twice on example inputs; the second run's time decides where batches run at first."""
@@ -139,6 +149,9 @@ class BatchRunner:
         """Start the model on the batch's runnable items: on the model thread at once (the loop meanwhile
         publishes the previous batch and decodes the next), or, when cheaper than a thread hop, on the event
         loop when the result is awaited."""
+        if self._next is not None:  # between batches: none is on the model thread now
+            self._swap(self._next)
+        batch.writer = self.writer
         inputs = batch.inputs
         if inputs and self._estimate_ms(len(inputs)) >= INLINE_BELOW_MS:
             batch.on_thread = True
@@ -258,8 +271,9 @@ class BatchRunner:
                     ok_trails.append(trails[j])
         if not ok_idx:
             return
-        values = self.writer.results([batch.ids[i] for i in ok_idx], ok_out, ok_t,  # type: ignore[misc]
-                                     ok_trails if trails is not None else None)
+        writer = batch.writer or self.writer
+        values = writer.results([batch.ids[i] for i in ok_idx], ok_out, ok_t,  # type: ignore[misc]
+                                ok_trails if trails is not None else None)
         status, out = batch.status, batch.values
         for j, (i, value) in enumerate(zip(ok_idx, values, strict=True)):
             if isinstance(value, bytes):
@@ -271,7 +285,7 @@ class BatchRunner:
         msg = batch.messages[i]
         assert msg is not None and self.route.next_stage is not None
         try:
-            batch.values[i] = self.writer.forward(msg, self.route.next_stage, answer, trail)
+            batch.values[i] = (batch.writer or self.writer).forward(msg, self.route.next_stage, answer, trail)
         except (WireError, TypeError, ValueError, OverflowError) as exc:
             self.fail(batch, i, "model_error", f"stage output cannot be encoded: {exc}")
             return

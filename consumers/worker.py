@@ -9,14 +9,17 @@ committed offsets, in order).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
+import inspect
 import logging
 import os
 import signal
 import socket
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +31,10 @@ from streamer import kafka
 from streamer.assignors import MemberCard, assignors
 from streamer.batching import BatchPolicy, BatchQueue
 from streamer.config import WorkerSettings
+from streamer.errors import ConfigError
 from streamer.logs import quiet
 from streamer.metrics import WorkerMetrics
-from streamer.models import Model, load_model
+from streamer.models import Model, find_factory, load_model
 
 from ._batch import Batch, Route, Run
 from ._commit import ConsumerCommitter, OrderedCommits
@@ -58,6 +62,41 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._worker._txn.prepare(assigned)
 
 
+def load_served_model(settings: WorkerSettings) -> Model:
+    """The model a worker serves: ``settings.model`` with its ``weights`` file, if any, named
+    ``settings.model_version`` if given."""
+    options: dict[str, Any] = {}
+    if settings.weights:
+        factory = find_factory(settings.model)
+        params = inspect.signature(factory).parameters
+        if "weights" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ConfigError(f"model {settings.model!r} takes no weights file: leave out weights (--weights or "
+                              "STREAMER_WEIGHTS)")
+        if not Path(settings.weights).is_file():
+            raise ConfigError(f"weights file {settings.weights!r} does not exist (--weights or STREAMER_WEIGHTS)")
+        options["weights"] = Path(settings.weights)
+    model = load_model(settings.model, settings.device, **options)
+    if settings.model_version:
+        model.version = settings.model_version
+    return model
+
+
+def _loaded_and_tried(settings: WorkerSettings) -> Model:
+    """Load the model and run it on its example inputs: reloaded weights that cannot serve are refused here."""
+    model = load_served_model(settings)
+    with contextlib.suppress(NotImplementedError):
+        model.run([model.validate(x) for x in model.example_inputs(2)])
+    return model
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 class Worker:
     """One member of the worker group. Use ``await worker.run()`` or start/stop explicitly."""
 
@@ -74,7 +113,9 @@ class Worker:
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.model = model or load_model(settings.model, settings.device)
+        self.model = model or load_served_model(settings)
+        if model is not None and settings.model_version:
+            self.model.version = settings.model_version
         self.policy = BatchPolicy(settings.max_batch_size, settings.max_wait_ms)
         self.max_buffered = settings.max_buffered or 4 * settings.max_batch_size
         self.codec = Codec(limits or Limits(max_message_bytes=settings.max_message_bytes,
@@ -86,6 +127,8 @@ class Worker:
         self.stats = RunStats()
         self.outbox = Outbox(settings, self.runner, self.route, self.metrics, self.name, self.stats)
         self._watcher: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self._reload_now = asyncio.Event()  # SIGHUP
         # Runs of records keyed (partition, assignment epoch, fetch time).
         self._queue: BatchQueue[tuple[TopicPartition, int, float], Any] = BatchQueue(self.policy)
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
@@ -132,7 +175,8 @@ class Worker:
     def _card(self) -> MemberCard:
         """What this member tells its group (read at each join): see streamer.assignors."""
         return MemberCard(self.settings.group_instance_id or self.name, self._advertised_capacity() or None,
-                          self.model.name, str(self.model.version), self.metrics.port)
+                          self.model.name, str(self.runner.model.version), self.metrics.port,
+                          self.settings.traffic_share)
 
     def _advertised_capacity(self) -> float:
         """Items/s of model time: the configured figure, else the latest measure (0: unknown)."""
@@ -175,6 +219,9 @@ class Worker:
             asyncio.create_task(self._process_loop(), name="streamer-process"),
         ]
         self._reporter = asyncio.create_task(self._report_loop(), name="streamer-report")
+        if self.settings.weights:
+            self._reloader = asyncio.create_task(self._reload_loop(Path(self.settings.weights)),
+                                                 name="streamer-reload")
         if self.settings.metrics_port is not None:
             self._watcher = asyncio.create_task(self.telemetry.run(self._consumer, self._scaling_capacity),
                                                 name="streamer-telemetry")
@@ -206,6 +253,8 @@ class Worker:
                     raise task.exception()  # type: ignore[misc]
         finally:
             self._reporter.cancel()
+            if self._reloader is not None:
+                self._reloader.cancel()
             if self._watcher is not None:
                 self._watcher.cancel()
                 await asyncio.gather(self._watcher, return_exceptions=True)
@@ -223,6 +272,7 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)  # not the default: SIGHUP would end the process
         await self.start()
         try:
             watched = [*self._tasks, *([self._commits.task] if self._commits.task else [])]
@@ -234,6 +284,41 @@ class Worker:
                     raise task.exception()  # type: ignore[misc]
         finally:
             await self.stop()
+
+    def reload(self) -> None:
+        """Reload the weights file (SIGHUP): loaded off the event loop, served from the next batch on."""
+        if not self.settings.weights:
+            log.warning("SIGHUP: no weights file to reload (--weights or STREAMER_WEIGHTS); serving on")
+            return
+        self._reload_now.set()
+
+    async def _reload_loop(self, path: Path) -> None:
+        """Reload the weights on :meth:`reload` or when the file changes (checked every ``reload_poll_s``)."""
+        seen = _file_stamp(path)
+        poll = self.settings.reload_poll_s or None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_now.wait(), poll)
+            asked = self._reload_now.is_set()
+            self._reload_now.clear()
+            stamp = _file_stamp(path)
+            if asked or stamp != seen:
+                seen = stamp
+                await self._reload_weights(path, "SIGHUP" if asked else "the file changed")
+
+    async def _reload_weights(self, path: Path, why: str) -> None:
+        serving = self.runner.model.version
+        settings = self.settings.model_copy(update={"model_version": None})  # the new weights name their version
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(None, _loaded_and_tried, settings)
+        except Exception as exc:  # noqa: BLE001 - whatever a bad file does, the served weights stay
+            log.warning("reloading weights from %s (%s) failed; still serving version %s: %s: %s", path, why,
+                        serving, type(exc).__name__, exc)
+            return
+        self.runner.replace(model)
+        self.model = model
+        log.info("weights reloaded from %s (%s): version %s -> %s from the next batch on", path, why, serving,
+                 model.version)
 
     def describe(self) -> str:
         return f"stage {self.route.stage} of {self.route.model}" if self.route.stage else self.model.name

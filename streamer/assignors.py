@@ -9,7 +9,13 @@ to it, so a GPU worker takes more partitions than a CPU worker.
 Whatever the assignor, a worker's subscription carries its :class:`MemberCard` as user data: JSON,
 readable from any language, ``{"v": 1, "id": "gpu-0", "capacity": 812.5, "model": "minilm",
 "version": "1", "metrics": 9100}`` (``metrics``: the port of its Prometheus exporter, if it serves
-one). ``streamer status`` and ``streamer top`` read it from the group's description.
+one; ``share``: a canary's part of the partitions). ``streamer status`` and ``streamer top`` read it
+from the group's description.
+
+Canary: a member whose card has a ``share`` (``--traffic-share 0.1``) is given that part of each
+topic's partitions, rounded to whole partitions (at least one, and at least one left to the others);
+members with shares split their partitions by share, the others split the rest by capacity. A
+partition is the unit: with 8 partitions, a share of 0.1 is one partition, 12.5% of the keys.
 
 The assignment is a pure function of the members' ids and capacities: capacities are rounded
 to two significant digits (measurement noise moves nothing), members are ordered by id (the
@@ -48,11 +54,13 @@ class MemberCard:
     model: str | None = None
     version: str | None = None
     metrics_port: int | None = None
+    share: float | None = None
+    """Canary: the part of the partitions this member asks for (capacity assignor); None: a regular member."""
 
     def encode(self) -> bytes:
         data: dict[str, Any] = {"v": 1, "id": self.id, "capacity": round(self.capacity or 0.0, 3)}
         data.update({k: v for k, v in (("model", self.model), ("version", self.version),
-                                       ("metrics", self.metrics_port)) if v is not None})
+                                       ("metrics", self.metrics_port), ("share", self.share)) if v is not None})
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -69,6 +77,7 @@ class MemberCard:
             return None
         capacity = data.get("capacity")
         port = data.get("metrics")
+        share = data.get("share")
         return cls(
             id=str(data.get("id", "")),
             capacity=float(capacity) if isinstance(capacity, int | float) and math.isfinite(capacity)
@@ -76,12 +85,25 @@ class MemberCard:
             model=data["model"] if isinstance(data.get("model"), str) else None,
             version=data["version"] if isinstance(data.get("version"), str) else None,
             metrics_port=port if isinstance(port, int) and 0 < port < 65536 else None,
+            share=float(share) if isinstance(share, int | float) and 0 < share < 1 else None,
         )
 
 
 def _capacity(user_data: bytes | None) -> float | None:
     card = MemberCard.decode(user_data)
     return card.capacity if card else None
+
+
+def _canary_seats(shares: list[float], partitions: int, regulars: bool) -> int:
+    """Partitions for the canary members: their summed share of ``partitions``, rounded, and at least one while
+    any asks for a share; at least one is left to the regular members while there are any."""
+    if not shares:
+        return 0
+    if not regulars:
+        return partitions
+    if partitions <= 1:
+        return 0
+    return max(1, min(round(min(1.0, sum(shares)) * partitions), partitions - 1))
 
 
 def _two_digits(x: float) -> float:
@@ -129,6 +151,7 @@ class CapacityAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         fallback = sorted(known)[len(known) // 2] if known else 1.0  # a member without a figure: the median
         weight = {m: _two_digits(_capacity(members[m].user_data) or fallback) for m in members}
         order = sorted(members, key=lambda m: (card.id if (card := cards[m]) else "", m))
+        share = {m: card.share for m, card in cards.items() if card is not None and card.share}
         topics = sorted({t for meta in members.values() for t in meta.subscription})
         owned: dict[str, dict[str, list[int]]] = {m: {} for m in members}
         for topic in topics:
@@ -136,11 +159,16 @@ class CapacityAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             subscribed = [m for m in order if topic in members[m].subscription]
             if not parts or not subscribed:
                 continue
+            regular = [m for m in subscribed if m not in share]
+            canary = [m for m in subscribed if m in share]
+            on_canaries = _canary_seats([share[m] for m in canary], len(parts), bool(regular))
+            seats = apportion([weight[m] for m in regular], len(parts) - on_canaries) if regular else []
+            seats += apportion([share[m] for m in canary], on_canaries) if canary else []
             start = 0
-            for m, share in zip(subscribed, apportion([weight[m] for m in subscribed], len(parts)), strict=True):
-                if share:
-                    owned[m][topic] = parts[start:start + share]
-                start += share
+            for m, count in zip(regular + canary, seats, strict=True):
+                if count:
+                    owned[m][topic] = parts[start:start + count]
+                start += count
         return {
             m: ConsumerProtocolMemberAssignment(self.version, sorted(owned[m].items()), b"") for m in members
         }

@@ -63,6 +63,23 @@ class WorkerSettings(KafkaSettings):
                     "are ready (like Kafka Streams' commit.interval.ms); an idle worker commits at once",
     )
     model: str = Field(default="tiny-mlp", min_length=1)
+    model_version: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="the version this worker serves, in every result and its group card; default: the model's own",
+    )
+    weights: str | None = Field(
+        default=None, min_length=1,
+        description="a safetensors file for the model (its factory's `weights` option), reloaded between batches "
+                    "on SIGHUP or when the file changes; a load that fails keeps the weights served",
+    )
+    reload_poll_s: float = Field(
+        default=1.0, ge=0, description="how often the weights file is checked for a change (0: on SIGHUP only)"
+    )
+    traffic_share: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="canary: the part of the group's partitions this member takes (with the capacity assignor, to "
+                    "one partition's worth); members with a share split it, the others take the rest",
+    )
     device: str | None = Field(default=None, description="torch device; default: cuda when present, else cpu")
     max_batch_size: int = Field(default=32, ge=1, le=65536)
     max_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
@@ -118,6 +135,14 @@ class WorkerSettings(KafkaSettings):
         description="bytes per partition per produce request; aiokafka keeps one request in flight per "
                     "partition, so large outputs (embeddings) need room for many per batch",
     )
+
+
+    @model_validator(mode="after")
+    def _share_needs_capacity(self) -> WorkerSettings:
+        if self.traffic_share is not None and self.assignor != "capacity":
+            raise ValueError("traffic_share needs assignor capacity (on every member of the group: the share is "
+                             "carried in the capacity assignor's protocol)")
+        return self
 
 
 class ClientSettings(KafkaSettings):

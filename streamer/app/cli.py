@@ -66,6 +66,14 @@ def _add_kafka(p: argparse.ArgumentParser) -> None:
 def _add_worker(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("worker (or STREAMER_<NAME>)")
     g.add_argument("--model", default=None, help="built-in (tiny-mlp, minilm) or package.module:factory")
+    g.add_argument("--model-version", dest="model_version", default=None,
+                   help="the version this worker serves, in results and its group card (default: the model's own)")
+    g.add_argument("--weights", default=None,
+                   help="safetensors weights for the model; reloaded between batches on SIGHUP or a change of the file")
+    g.add_argument("--reload-poll-s", dest="reload_poll_s", default=None,
+                   help="how often the weights file is checked for a change (0: on SIGHUP only; default 1)")
+    g.add_argument("--traffic-share", dest="traffic_share", default=None,
+                   help="canary: this member's part of the partitions, e.g. 0.1 (needs --assignor capacity)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     g.add_argument("--group-id", dest="group_id", default=None, help="consumer group of the workers")
     g.add_argument("--max-batch-size", dest="max_batch_size", default=None, help="largest batch")
