@@ -72,9 +72,9 @@ class Batch:
     """The records of a batch and, per record (by index): its decoded message, the encoded record to send
     (a result or a forwarded stage message) with its destination, its status, and its dead letter."""
 
-    __slots__ = ("answers", "created", "dead", "dest_partition", "dest_topic", "ids", "inputs", "messages",
-                 "on_thread", "records", "run_of", "runnable", "runs", "started", "stats", "status", "values",
-                 "writer")
+    __slots__ = ("answered_ns", "answers", "created", "dead", "dest_partition", "dest_topic", "ids", "inputs",
+                 "messages", "on_thread", "records", "run_of", "runnable", "runs", "spans", "started", "stats",
+                 "status", "values", "writer")
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs
@@ -101,6 +101,8 @@ class Batch:
         self.started = 0.0
         self.on_thread = False  # the model runs it on the model thread (not inline on the event loop)
         self.writer: Any = None  # the encoder of the model version that ran it (weights may be reloaded meanwhile)
+        self.spans: list[Any] | None = None  # tracing on: each record's process span (streamer.tracing)
+        self.answered_ns = 0  # tracing on: when the model answered (epoch ns)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -44,6 +44,7 @@ from schemas import (
 )
 from streamer.errors import BadInput
 from streamer.models import Model
+from streamer.tracing import WorkerTracing
 
 from ._batch import FORWARDED, Batch, BatchStats, DeadLetter, Route
 
@@ -86,8 +87,9 @@ class RunStats:
 
 class BatchRunner:
     def __init__(self, model: Model, codec: Codec, worker: str, default_reply_topic: str,
-                 route: Route | None = None) -> None:
+                 route: Route | None = None, tracing: WorkerTracing | None = None) -> None:
         self.model = model
+        self.tracing = tracing
         self.codec = codec
         self.worker = worker
         self.default_reply_topic = default_reply_topic
@@ -143,6 +145,8 @@ class BatchRunner:
         """Decode and check each record: the items that go to the model, with their inputs, are noted in the
         batch (``runnable``, ``inputs``); the others are decided already."""
         batch.started = time.monotonic()
+        if self.tracing is not None:
+            self.tracing.received(batch)
         batch.runnable, batch.inputs = self._check(batch)
 
     def infer_soon(self, batch: Batch) -> Awaitable[None]:
@@ -174,12 +178,17 @@ class BatchRunner:
         st.runnable, st.inference_s = len(batch.inputs), model_s
         st.forward_passes, st.extra_forward_passes = passes
         batch.answers = answers
+        if self.tracing is not None:
+            batch.answered_ns = time.time_ns()
 
     def finish(self, batch: Batch) -> None:
         """Encode what the model answered into the records to send (on the loop, off the model's path)."""
         if batch.answers is not None:
             self._finish(batch, batch.answers)
             batch.answers = None
+        if self.tracing is not None:
+            self.tracing.ran(batch, (batch.writer or self.writer).model_version, batch.stats.inference_s,
+                             batch.answered_ns or time.time_ns())
 
     # -- decode and check, on the loop ------------------------------------------------------------------
     def _check(self, batch: Batch) -> tuple[list[int], list[Any]]:

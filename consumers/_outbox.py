@@ -174,10 +174,14 @@ class Outbox:
         if kind == FORWARD:
             msg = batch.messages[i]
             assert msg is not None
-            return rec.key, value, RoutingHeaders(msg.id, msg.reply_to).build()
-        rid = batch.ids[i]
-        assert rid is not None
-        return self._key(rec.key), value, RoutingHeaders(rid, None).build()
+            key, headers = rec.key, RoutingHeaders(msg.id, msg.reply_to).build()
+        else:
+            rid = batch.ids[i]
+            assert rid is not None
+            key, headers = self._key(rec.key), RoutingHeaders(rid, None).build()
+        if batch.spans is not None and self.runner.tracing is not None:  # tracing on: the record continues its trace
+            headers += self.runner.tracing.headers(batch, i)
+        return key, value, headers
 
     async def _send_group(self, batch: Batch, kind: str, topic: str, partition: int | None, idx: list[int],
                           producer: AIOKafkaProducer, sent: list[Delivery]) -> list[int]:

@@ -35,6 +35,7 @@ from streamer.errors import ConfigError
 from streamer.logs import quiet
 from streamer.metrics import WorkerMetrics
 from streamer.models import Model, find_factory, load_model
+from streamer.tracing import WorkerTracing, tracing
 
 from ._batch import Batch, Route, Run
 from ._commit import ConsumerCommitter, OrderedCommits
@@ -121,7 +122,9 @@ class Worker:
         self.codec = Codec(limits or Limits(max_message_bytes=settings.max_message_bytes,
                                             max_tensor_elements=settings.max_tensor_elements))
         self.route = route or Route(self.model.name)
-        self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic, self.route)
+        tracer = tracing()
+        self.runner = BatchRunner(self.model, self.codec, self.name, settings.results_topic, self.route,
+                                  WorkerTracing(tracer, self.route.model, self.route.stage) if tracer else None)
         self.metrics = WorkerMetrics(self.route.model, self.route.stage or "")
         self.telemetry = Telemetry(settings, self.metrics)
         self.stats = RunStats()
@@ -534,6 +537,8 @@ class Worker:
         self._finish_batch(batch)
 
     def _finish_batch(self, batch: Batch) -> None:
+        if batch.spans is not None and self.runner.tracing is not None:
+            self.runner.tracing.finished(batch)
         self._finished += 1
         self._progress.set()
         if self._busy_since is not None:  # busy: while any batch is in the pipeline

@@ -32,6 +32,7 @@ from schemas import (
 from streamer import kafka
 from streamer.config import ClientSettings, load_settings
 from streamer.errors import FatalError, InferenceError
+from streamer.tracing import ClientTracing, tracing
 
 from ._replies import ReplyRouter, Sink
 
@@ -70,6 +71,10 @@ class StreamerClient:
         # read_committed: results of aborted transactions (exactly-once workers) are never seen.
         self._consumer = kafka.consumer(self.settings, client_id=cid, group_id=None, isolation_level="read_committed")
         self._router = ReplyRouter(self._consumer, self.codec, self.settings.max_in_flight)
+        tracer = tracing()
+        self._tracing = ClientTracing(tracer, self.settings.request_topic) if tracer is not None else None
+        if self._tracing is not None:
+            self._router.observer = self._tracing.answered
         self._writer = RequestWriter(self.codec, self.reply_to)
         self._headers = RoutingHeaders.for_route(self.reply_to)
         self._partitions = kafka.KeyPartitions()
@@ -157,7 +162,7 @@ class StreamerClient:
         self._router.expect(rid, fut, timeout)
         fut.add_done_callback(functools.partial(self._abandoned, rid))
         try:
-            await self._send([rid], [key.encode() if key is not None else None], [value])
+            await self._send([rid], [key.encode() if key is not None else None], [value], model)
         except BaseException:
             self._router.forget(rid)
             fut.cancel()  # the caller gets the exception, not the future
@@ -253,25 +258,27 @@ class StreamerClient:
             expect(rid, sink, timeout_s)
         sink.outstanding += len(ids)
         try:
-            await self._send(ids, keys, values)
+            await self._send(ids, keys, values, model)
         except BaseException as exc:
             for rid in ids:
                 self._router.fail(rid, exc)
             raise
 
-    async def _send(self, ids: list[str], keys: list[bytes | None], values: list[bytes]) -> None:
+    async def _send(self, ids: list[str], keys: list[bytes | None], values: list[bytes], model: str) -> None:
         """Hands requests to the producer: appended to the open record batch of each one's partition (see
         ``streamer.kafka.append_record``); a record batch that fails fails the requests in it."""
         producer, topic = self._producer, self.settings.request_topic
         if topic not in self._known:
             await producer.client._wait_on_metadata(topic)  # what producer.send does first (aiokafka 0.14)
             self._known.add(topic)
-        partition, headers = self._partitions.partition, self._headers
+        partition, headers, traced = self._partitions.partition, self._headers, self._tracing
         for rid, k, value in zip(ids, keys, values, strict=True):
             tp = self._tps.get(p := partition(producer, topic, k))
             if tp is None:
                 tp = self._tps[p] = TopicPartition(topic, p)
             h = headers(rid)
+            if traced is not None:
+                h += traced.started(rid, model)
             batch = kafka.append_open(producer, tp, k, value, h) or await kafka.append_record(
                 producer, tp, k, value, h)
             current = self._open.get(tp)
@@ -289,6 +296,8 @@ class StreamerClient:
             exc: BaseException | None = FatalError("the request was not sent: the producer dropped its record batch")
         else:
             exc = future.exception()
+        if self._tracing is not None:
+            self._tracing.published(ids, exc)
         if exc is not None:
             for rid in ids:
                 self._router.fail(rid, exc)

@@ -195,6 +195,7 @@ class ResultWriter:
 
     def __init__(self, codec: Codec, model: str, model_version: str, worker: str) -> None:
         self.codec = codec
+        self.model_version = model_version
         p = msgpack.Packer(default=codec._packer_default, use_bin_type=True)
         self._pack = p.pack
         self._model_part = p.pack("model") + p.pack(model) + p.pack("model_version") + p.pack(model_version)

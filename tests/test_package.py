@@ -54,8 +54,9 @@ def _install(wheel: Path, tmp_path: Path) -> tuple[Path, Path]:
                    check=True, timeout=300, capture_output=True)
     run = tmp_path / "elsewhere"
     run.mkdir()
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the checkout may come along
     where = subprocess.run([str(python), "-c", "import streamer, schemas; print(streamer.__file__, schemas.__file__)"],
-                           cwd=run, capture_output=True, text=True, check=True).stdout
+                           cwd=run, env=clean, capture_output=True, text=True, check=True).stdout
     assert str(ROOT) not in where and purelib in where, where
     return python, run
 
