@@ -70,3 +70,22 @@ def sleep50(device: torch.device, **_: Any) -> Model:
 
 def inputs(n: int) -> list[np.ndarray[Any, Any]]:
     return TinyMLP(torch.device("cpu")).example_inputs(n, seed=1)
+
+
+class Affine(TinyMLP):
+    """tiny-mlp that takes ``base_ms + per_item_ms * n`` per batch of ``n`` without using the CPU: a model whose
+    cost per batch is known (a GPU's fixed launch cost and its time per item)."""
+
+    def __init__(self, device: torch.device, base_ms: float = 5.0, per_item_ms: float = 0.5) -> None:
+        super().__init__(device)
+        self.base_ms, self.per_item_ms = base_ms, per_item_ms
+        self.name = "affine"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        time.sleep((self.base_ms + self.per_item_ms * len(batch)) / 1000)
+        return super().forward(batch)
+
+
+def affine(device: torch.device, **options: Any) -> Model:
+    """``bench.standins:affine``: 5 ms + 0.5 ms per item (``base_ms``, ``per_item_ms`` options)."""
+    return Affine(device, **options)

@@ -340,6 +340,11 @@ class BatchRunner:
         mostly fixed overhead), linear above them."""
         return self._batch_ms * max(1.0, n / self._batch_n)
 
+    def model_time(self) -> tuple[float, float] | None:
+        """The moving mean of the model's time per batch (ms) and of the batch size it was measured at; None
+        before any run."""
+        return None if self._batch_ms == math.inf else (self._batch_ms, self._batch_n)
+
     def _measured(self, ms: float, n: int) -> None:
         if self._batch_ms == math.inf:
             self._batch_ms, self._batch_n = ms, float(n)

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from schemas import Codec, Limits
 from streamer import kafka
 from streamer.assignors import MemberCard, assignors
-from streamer.batching import BatchPolicy, BatchQueue
+from streamer.batching import BatchPolicy, BatchQueue, LatencyTarget
 from streamer.config import WorkerSettings
 from streamer.errors import ConfigError
 from streamer.logs import quiet
@@ -134,6 +134,10 @@ class Worker:
         self._reload_now = asyncio.Event()  # SIGHUP
         # Runs of records keyed (partition, assignment epoch, fetch time).
         self._queue: BatchQueue[tuple[TopicPartition, int, float], Any] = BatchQueue(self.policy)
+        # Batching to a latency target: the batch limit and wait, chosen before each batch (streamer.batching).
+        self.target = (LatencyTarget(settings.latency_target_ms, settings.max_batch_size)
+                       if settings.latency_target_ms else None)
+        self._target_said = (0, -1.0, 0.0)  # the choice last logged, and when
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
         self._paused = False
@@ -189,10 +193,14 @@ class Worker:
     async def start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
+            if self.target is not None and (seen := self.runner.model_time()) is not None:
+                self.target.observed(round(seen[1]), seen[0])
             if self.settings.capacity is None and self.settings.assignor == "capacity":
                 self._measured = await asyncio.get_running_loop().run_in_executor(
                     None, self.runner.measure_capacity, self.policy.max_batch_size)
             self._consumer.subscribe([self.settings.request_topic], listener=_Rebalance(self))
+            self.metrics.labels(self.metrics.batch_limit).set(self.policy.max_batch_size)
+            self.metrics.labels(self.metrics.batch_wait).set(self.policy.max_wait_ms / 1000)
             if self.settings.metrics_port is not None:  # up before the group sees this member
                 port = self.metrics.serve(self.settings.metrics_port)
                 log.info("metrics on http://0.0.0.0:%d/metrics", port)
@@ -419,6 +427,8 @@ class Worker:
             if self._stopping.is_set():
                 break  # not started: these records go to whoever reads the partition next
             now = time.monotonic()
+            if self.target is not None:
+                self.target.arrived(sum(len(records) for records in batches.values()), now)
             owned = consumer.assignment()
             for tp, records in batches.items():
                 if tp not in owned or tp in self._revoking or (self._txn is not None and tp in self._txn.fenced):
@@ -470,6 +480,8 @@ class Worker:
                 if running is not None:
                     await self._model_done(running)
                     done = nxt
+                    if self.target is not None and nxt.stats.runnable:
+                        self.target.observed(nxt.stats.runnable, nxt.stats.inference_s * 1000)
         finally:
             for task in (decoder, running):
                 if task is not None and not task.done():
@@ -489,8 +501,26 @@ class Worker:
                     await self._txn.commit()
         await running
 
+    def _choose(self, target: LatencyTarget) -> None:
+        """The batch limit and wait for the next batch; said in the log when it changes (at most every 5 s)."""
+        choice = target.choose(len(self._queue))
+        policy = choice.policy
+        self._queue.policy = policy
+        self.metrics.labels(self.metrics.batch_limit).set(policy.max_batch_size)
+        self.metrics.labels(self.metrics.batch_wait).set(policy.max_wait_ms / 1000)
+        limit, wait, at = self._target_said
+        now = time.monotonic()
+        if (policy.max_batch_size, policy.max_wait_ms) != (limit, wait) and now - at >= 5.0:
+            self._target_said = (policy.max_batch_size, policy.max_wait_ms, now)
+            log.info("latency target %g ms: batches of up to %d, wait %.1f ms (model about %.1f ms at %d; "
+                     "arriving %.0f/s)%s", target.target_ms, policy.max_batch_size, policy.max_wait_ms,
+                     choice.model_ms, policy.max_batch_size, target.rate,
+                     "" if choice.reachable else "; the target is out of reach even one item at a time")
+
     async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:
         while True:
+            if self.target is not None:
+                self._choose(self.target)
             runs = await self._queue.next_batch()
             if self._stopping.is_set():
                 await ready.put(None)  # what is queued is left for redelivery

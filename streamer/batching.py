@@ -1,18 +1,20 @@
-"""The dynamic batching policy, and the one loop that applies it.
+"""The dynamic batching policy, the one loop that applies it, and batching to a latency target.
 
 A batch closes when it holds ``max_batch_size`` items, or when ``max_wait_ms``
-has passed since its first item arrived, whichever comes first.
+has passed since its first item arrived, whichever comes first. With a latency target
+(:class:`LatencyTarget`) the worker chooses both while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["BatchPolicy", "BatchQueue"]
+__all__ = ["BatchPolicy", "BatchQueue", "Choice", "LatencyTarget"]
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -124,3 +126,101 @@ class BatchQueue(Generic[K, T]):
             # The new head has waited since at least now; it was already here.
             self._head_since = asyncio.get_running_loop().time()
         return batch
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What :class:`LatencyTarget` chose for the next batches, and the model-time estimate behind it."""
+
+    policy: BatchPolicy
+    model_ms: float  # the estimated model time of a batch of ``policy.max_batch_size``
+    reachable: bool  # False: even a batch of one is over the budget
+
+
+class LatencyTarget:
+    """Batching to a latency target: how large a batch to take and how long to wait for it, chosen while the
+    worker runs, so that an item's queue wait plus its batch's model time stays under ``target_ms``.
+
+    The worker reports each batch's size and model time (:meth:`observed`) and the items it fetched
+    (:meth:`arrived`). The model's time per batch is fitted as ``a + b * n`` (least squares over the sizes
+    seen, each an average of its recent batches; one size seen: proportional to the size above it, which
+    overestimates what batching gains, so the choice errs on the small side until larger batches are seen).
+
+    With a budget of ``headroom * target_ms`` (0.8: room for the tail), an item may wait for the batch
+    ahead of it on the model, then for its own: the batch limit is the largest ``n`` (up to ``cap``) with
+    ``2 * t(n)`` within the budget. While the model is lightly loaded (less than half busy at that batch size)
+    a batch does not wait to fill: batches form by themselves while the model runs. Under more load, a batch
+    waits for the time it takes to fill, at most what the budget leaves. When more is queued than the limit
+    (a backlog: the target is lost for those items already), the batch limit is ``cap``: the largest batches
+    drain a backlog soonest.
+    """
+
+    def __init__(self, target_ms: float, cap: int, headroom: float = 0.8, alpha: float = 0.2) -> None:
+        self.target_ms = target_ms
+        self.cap = cap
+        self.budget_ms = headroom * target_ms
+        self._alpha = alpha
+        self._cost: dict[int, float] = {}  # batch size -> moving mean of its model ms
+        self._rate = 0.0  # items/s arriving (moving mean)
+        self._counted = 0
+        self._since: float | None = None
+        self.choice = Choice(BatchPolicy(1, 0.0), 0.0, True)
+
+    def observed(self, n: int, model_ms: float) -> None:
+        """A batch of ``n`` items took ``model_ms`` on the model."""
+        if n <= 0 or not math.isfinite(model_ms) or model_ms < 0:
+            return
+        old = self._cost.get(n)
+        self._cost[n] = model_ms if old is None else old + self._alpha * (model_ms - old)
+        if len(self._cost) > 64:  # keep the sizes seen last
+            self._cost.pop(next(iter(self._cost)))
+
+    def arrived(self, items: int, now: float) -> None:
+        """``items`` more arrived (at ``now``, seconds): the arrival rate, averaged over windows of 0.5 s."""
+        if self._since is None:
+            self._since = now
+        self._counted += items
+        span = now - self._since
+        if span >= 0.5:
+            rate = self._counted / span
+            self._rate = rate if self._rate == 0 else self._rate + 0.5 * (rate - self._rate)
+            self._counted, self._since = 0, now
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    def model_ms(self, n: int) -> float:
+        """The fitted model time of a batch of ``n`` (0 before any batch was seen)."""
+        sizes = sorted(self._cost)
+        if not sizes:
+            return 0.0
+        if len(sizes) == 1:
+            n0 = sizes[0]
+            return self._cost[n0] * max(1.0, n / n0)
+        mean_n = sum(sizes) / len(sizes)
+        mean_t = sum(self._cost[s] for s in sizes) / len(sizes)
+        var = sum((s - mean_n) ** 2 for s in sizes)
+        slope = max(0.0, sum((s - mean_n) * (self._cost[s] - mean_t) for s in sizes) / var)
+        intercept = max(0.0, mean_t - slope * mean_n)
+        return intercept + slope * n
+
+    def choose(self, queued: int) -> Choice:
+        """The policy for the next batch, with ``queued`` items waiting now."""
+        limit, reachable = 1, 2 * self.model_ms(1) <= self.budget_ms
+        lo, hi = 1, self.cap  # the largest n with 2 t(n) within the budget (t grows with n)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if 2 * self.model_ms(mid) <= self.budget_ms:
+                limit, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        t = self.model_ms(limit)
+        wait = 0.0
+        busy = self._rate * t / limit / 1000 if limit else 0.0  # the model's share of time at this batch size
+        if busy >= 0.5 and self._rate > 0:
+            wait = max(0.0, min(self.budget_ms - 2 * t, 1000 * (limit - 1) / self._rate))
+        if queued > limit:
+            limit = self.cap
+        self.choice = Choice(BatchPolicy(limit, round(wait, 2)), self.model_ms(limit), reachable)
+        return self.choice

@@ -83,6 +83,11 @@ class WorkerSettings(KafkaSettings):
     device: str | None = Field(default=None, description="torch device; default: cuda when present, else cpu")
     max_batch_size: int = Field(default=32, ge=1, le=65536)
     max_wait_ms: float = Field(default=5.0, ge=0, le=60_000)
+    latency_target_ms: float | None = Field(
+        default=None, gt=0, le=600_000,
+        description="batch to a latency target: the worker chooses its batch size (up to max_batch_size) and wait "
+                    "so that queue wait plus model time stays under this (max_wait_ms is then unused); off if unset",
+    )
     max_buffered: int = Field(default=0, ge=0, description="records held before pausing fetch; 0 = 4 x batch")
     assignor: AssignorName = Field(
         default="round-robin", description="how the group shares out partitions: range, round-robin, capacity"

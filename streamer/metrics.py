@@ -82,6 +82,10 @@ class WorkerMetrics:
                              labels, registry=r)
         self.topic_lag = Gauge("streamer_topic_lag", "Records not yet committed on the whole input topic, "
                                "as of the group's commits", labels, registry=r)
+        self.batch_limit = Gauge("streamer_batch_limit", "Items a batch may hold now: max_batch_size, or what the "
+                                 "latency target chose", labels, registry=r)
+        self.batch_wait = Gauge("streamer_batch_wait_seconds", "How long a batch may wait to fill now: max_wait_ms, "
+                                "or what the latency target chose", labels, registry=r)
         self.workers_needed = Gauge("streamer_workers_needed", "Workers like this one needed to keep up with the "
                                     "arrival rate and drain the lag in time", labels, registry=r)
         # Series that count rare events exist (at 0) from the start, so that rate() and increase() see the first one.

@@ -1,4 +1,4 @@
-"""The batching policy: size-closed and time-closed batches."""
+"""The batching policy: size-closed and time-closed batches; batching to a latency target."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from streamer.batching import BatchPolicy, BatchQueue
+from streamer.batching import BatchPolicy, BatchQueue, LatencyTarget
 
 
 def _flat(batch: list[tuple[int, list[int]]]) -> list[int]:
@@ -96,3 +96,48 @@ async def test_runs_are_split_to_fit_a_batch_and_keep_their_key() -> None:
     q.put("b", [8, 9])
     assert q.drop(lambda key: key != "b") == 2
     assert await q.next_batch() == [("a", [7])]
+
+
+def _affine(target_ms: float, cap: int = 32, base: float = 5.0, per_item: float = 1.0) -> LatencyTarget:
+    lt = LatencyTarget(target_ms, cap)
+    for n in (1, 4, 8, 16):
+        for _ in range(3):
+            lt.observed(n, base + per_item * n)
+    return lt
+
+
+def test_latency_target_fits_the_model_time_per_batch_size() -> None:
+    lt = _affine(100)
+    assert lt.model_ms(10) == pytest.approx(15.0)
+    assert lt.model_ms(32) == pytest.approx(37.0)
+    one = LatencyTarget(100, 32)
+    assert one.model_ms(8) == 0.0  # nothing seen yet
+    one.observed(4, 10.0)  # one size seen: proportional above it (errs on the small side), flat below
+    assert (one.model_ms(2), one.model_ms(8)) == (10.0, 20.0)
+    one.observed(0, 5.0)  # ignored: no items
+    one.observed(4, float("nan"))  # ignored
+    assert one.model_ms(4) == 10.0
+
+
+def test_latency_target_takes_the_largest_batch_within_the_budget() -> None:
+    # Budget 0.8 x target; an item may wait for the batch ahead, then its own: 2 t(n) <= budget.
+    assert _affine(40).choose(queued=0).policy == BatchPolicy(11, 0.0)  # 2 (5 + n) <= 32
+    assert _affine(100).choose(queued=0).policy.max_batch_size == 32  # the cap binds first
+    slow = _affine(10, base=20.0)
+    choice = slow.choose(queued=0)
+    assert choice.policy.max_batch_size == 1 and not choice.reachable
+
+
+def test_latency_target_waits_only_under_load_and_drains_a_backlog_with_full_batches() -> None:
+    lt = _affine(100)
+    lt.arrived(5, 0.0)
+    lt.arrived(5, 1.0)  # 10 items in 1 s: the model idles; no waiting
+    assert lt.rate == pytest.approx(10.0)
+    assert lt.choose(queued=0).policy.max_wait_ms == 0.0
+    busy = _affine(100)
+    busy.arrived(0, 0.0)
+    busy.arrived(1500, 1.0)  # 1,500/s: busy; wait what the budget leaves, at most the time to fill a batch
+    policy = busy.choose(queued=0).policy
+    assert policy.max_wait_ms == pytest.approx(min(80 - 2 * 37, 1000 * 31 / 1500), abs=0.01)
+    tight = _affine(40)
+    assert tight.choose(queued=100).policy.max_batch_size == 32  # a backlog: the target is lost; drain fastest

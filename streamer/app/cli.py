@@ -78,6 +78,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-id", dest="group_id", default=None, help="consumer group of the workers")
     g.add_argument("--max-batch-size", dest="max_batch_size", default=None, help="largest batch")
     g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None, help="longest wait to fill a batch")
+    g.add_argument("--latency-target-ms", dest="latency_target_ms", default=None,
+                   help="choose batch size and wait while running so that queue wait + model time stays under this")
     g.add_argument("--max-buffered", dest="max_buffered", default=None,
                    help="records held before fetching pauses (0: 4 x batch)")
     g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"],
@@ -341,8 +343,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     spec = load_pipeline(args.file)
     settings = _settings(args, KafkaSettings)
-    overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "max_buffered",
-                                                "delivery", "metrics_port")}
+    overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "latency_target_ms",
+                                                "max_buffered", "delivery", "metrics_port")}
     spec.stage(args.stage)  # fail on an unknown stage before loading anything
 
     async def serve() -> None:
@@ -442,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None)
     g.add_argument("--max-batch-size", dest="max_batch_size", default=None)
     g.add_argument("--max-wait-ms", dest="max_wait_ms", default=None)
+    g.add_argument("--latency-target-ms", dest="latency_target_ms", default=None)
     g.add_argument("--max-buffered", dest="max_buffered", default=None)
     g.add_argument("--delivery", default=None, choices=["at-least-once", "exactly-once"])
     g.add_argument("--metrics-port", dest="metrics_port", default=None,

@@ -1,0 +1,57 @@
+"""Batching to a latency target, in a real worker: it measures its model while it runs and chooses its batch limit
+and wait from that, says so in its log and metrics, and drains a backlog with full batches. (How well it keeps a
+p99 is measured by bench/bench_latency_target.py, not asserted here.)"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+
+from producers import StreamerClient
+from streamer import ClientSettings, WorkerSettings, kafka
+from streamer.broker import free_port
+from streamer.models import load_model
+
+from .helpers import Processes
+
+pytestmark = [pytest.mark.kafka]
+
+
+def _gauge(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return float(next(line.rsplit(" ", 1)[1] for line in lines if line.startswith(name + "{")))
+
+
+async def test_a_worker_chooses_its_batches_from_its_latency_target(worker_settings: WorkerSettings,
+                                                                    client_settings: ClientSettings,
+                                                                    processes: Processes) -> None:
+    """bench.standins:affine costs 5 ms + 0.5 ms per item. With a 60 ms target (a 48 ms budget: the batch ahead
+    and its own, 2 t(n) <= 48) the limit is 38 items; a backlog of 600 is drained in batches of up to 64 (the
+    cap); at light load batches do not wait."""
+    ws = worker_settings
+    await kafka.ensure_topics(ws, [kafka.TopicSpec(ws.request_topic, 2), kafka.TopicSpec(ws.results_topic, 1),
+                                   kafka.TopicSpec(ws.dead_letter_topic, 1)])
+    port = free_port()
+    worker = processes.worker(ws, model="bench.standins:affine", latency_target_ms=60, max_batch_size=64,
+                              metrics_port=port, torch_threads=1)
+    await processes.wait_group(ws, ws.group_id, 1)
+    inputs = load_model("tiny-mlp", "cpu").example_inputs(600, seed=4)
+    async with StreamerClient(client_settings) as client:
+        burst = [r async for r in client.stream(inputs, model="affine")]  # all at once: a backlog
+        assert all(r.status == "ok" for r in burst)
+        assert max(r.timings.batch_size for r in burst if r.timings) > 38  # the backlog went in full batches
+
+        steady = []
+        for x in inputs[:40]:  # light load: 20/s
+            steady.append(await client.submit(x, model="affine"))
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(*steady)
+    assert all(r.status == "ok" for r in results)
+    limit = await asyncio.to_thread(_gauge, port, "streamer_batch_limit")
+    wait = await asyncio.to_thread(_gauge, port, "streamer_batch_wait_seconds")
+    assert 30 <= limit <= 38 and wait == 0.0, (limit, wait)
+    log = worker.log_path.read_text()
+    assert "latency target 60 ms: batches of up to" in log, log[-2000:]
