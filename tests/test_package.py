@@ -57,7 +57,8 @@ def _install(wheel: Path, tmp_path: Path) -> tuple[Path, Path]:
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the checkout may come along
     where = subprocess.run([str(python), "-c", "import streamer, schemas; print(streamer.__file__, schemas.__file__)"],
                            cwd=run, env=clean, capture_output=True, text=True, check=True).stdout
-    assert str(ROOT) not in where and purelib in where, where
+    files = [Path(f) for f in where.split()]
+    assert all(not f.is_relative_to(ROOT) and f.is_relative_to(purelib) for f in files), where
     return python, run
 
 

@@ -14,22 +14,12 @@ from typing import Any
 
 import pytest
 
+from .test_pipelines import TINY
+
 pytestmark = [pytest.mark.kafka]
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = """
-name = "{name}"
-[[stages]]
-name = "double"
-callable = "tests.pipeline_stages:double"
-max_batch_size = 16
-max_wait_ms = 2
-[[stages]]
-name = "total"
-callable = "tests.pipeline_stages:total"
-max_batch_size = 16
-max_wait_ms = 2
-"""
+
 
 
 def _traced(bootstrap: str, *spec: str) -> dict[str, Any]:
@@ -99,7 +89,7 @@ def test_a_worker_continues_each_request_trace_and_returns_it(broker: Any) -> No
 
 def test_each_stage_of_a_pipeline_continues_the_trace(broker: Any, tmp_path: Path) -> None:
     spec = tmp_path / "spec.toml"
-    spec.write_text(TINY.format(name=f"tr{uuid.uuid4().hex[:6]}"))
+    spec.write_text(TINY.format(name=f"tr{uuid.uuid4().hex[:6]}", delay_ms=0))
     _check_request_traces(_traced(broker.bootstrap_servers, str(spec)), ["double", "total"])
 
 
