@@ -39,7 +39,7 @@ from streamer.broker import LocalKafka  # noqa: E402
 
 MODELS = {  # name -> (model spec, target ms, saturation requests)
     "affine": ("bench.standins:affine", 40.0, 6000),
-    "minilm": ("minilm", 500.0, 600),
+    "minilm": ("minilm", 250.0, 600),
 }
 VARIANTS = ("adaptive", "wait0", "wait5", "wait20")
 STEPS = (0.15, 0.8, 0.15)

@@ -503,18 +503,18 @@ class Worker:
 
     def _choose(self, target: LatencyTarget) -> None:
         """The batch limit and wait for the next batch; said in the log when it changes (at most every 5 s)."""
-        choice = target.choose(len(self._queue))
+        now = time.monotonic()
+        choice = target.choose(len(self._queue), now)
         policy = choice.policy
         self._queue.policy = policy
         self.metrics.labels(self.metrics.batch_limit).set(policy.max_batch_size)
         self.metrics.labels(self.metrics.batch_wait).set(policy.max_wait_ms / 1000)
         limit, wait, at = self._target_said
-        now = time.monotonic()
         if (policy.max_batch_size, policy.max_wait_ms) != (limit, wait) and now - at >= 5.0:
             self._target_said = (policy.max_batch_size, policy.max_wait_ms, now)
             log.info("latency target %g ms: batches of up to %d, wait %.1f ms (model about %.1f ms at %d; "
                      "arriving %.0f/s)%s", target.target_ms, policy.max_batch_size, policy.max_wait_ms,
-                     choice.model_ms, policy.max_batch_size, target.rate,
+                     choice.model_ms, policy.max_batch_size, target.rate(now),
                      "" if choice.reachable else "; the target is out of reach even one item at a time")
 
     async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:

@@ -16,6 +16,9 @@ from typing import Generic, TypeVar
 
 __all__ = ["BatchPolicy", "BatchQueue", "Choice", "LatencyTarget"]
 
+UTILISATION = 0.8  # the share of its time the model may be busy before batches must grow (latency target)
+RATE_WINDOW_S = 1.0  # the arrival rate is what arrived in this last while
+
 K = TypeVar("K")
 T = TypeVar("T")
 
@@ -148,11 +151,13 @@ class LatencyTarget:
 
     With a budget of ``headroom * target_ms`` (0.8: room for the tail), an item may wait for the batch
     ahead of it on the model, then for its own: the batch limit is the largest ``n`` (up to ``cap``) with
-    ``2 * t(n)`` within the budget. While the model is lightly loaded (less than half busy at that batch size)
-    a batch does not wait to fill: batches form by themselves while the model runs. Under more load, a batch
-    waits for the time it takes to fill, at most what the budget leaves. When more is queued than the limit
-    (a backlog: the target is lost for those items already), the batch limit is ``cap``: the largest batches
-    drain a backlog soonest.
+    ``2 * t(n)`` within the budget. Batches must also keep up: at arrival rate ``r`` the smallest batch that
+    keeps the model under ``UTILISATION`` busy (``r * t(n) <= 0.8 * n``; one item at light load) is the one
+    waited for, for as long as it takes to fill and at most what the budget leaves, so no batch waits at light
+    load. When even the largest batch the target allows cannot keep up, the target cannot hold at this load:
+    batches are then full (``cap``) and wait to fill (at most the budget), the fewest model runs per item,
+    which keeps the queue, and so the latency, shortest. With more queued than the limit (a backlog: the
+    target is lost for those items already) the batch limit is ``cap``: full batches drain a backlog soonest.
     """
 
     def __init__(self, target_ms: float, cap: int, headroom: float = 0.8, alpha: float = 0.2) -> None:
@@ -161,9 +166,8 @@ class LatencyTarget:
         self.budget_ms = headroom * target_ms
         self._alpha = alpha
         self._cost: dict[int, float] = {}  # batch size -> moving mean of its model ms
-        self._rate = 0.0  # items/s arriving (moving mean)
-        self._counted = 0
-        self._since: float | None = None
+        self._arrivals: deque[tuple[float, int]] = deque()  # (when, how many) in the last RATE_WINDOW_S
+        self._in_window = 0
         self.choice = Choice(BatchPolicy(1, 0.0), 0.0, True)
 
     def observed(self, n: int, model_ms: float) -> None:
@@ -176,19 +180,21 @@ class LatencyTarget:
             self._cost.pop(next(iter(self._cost)))
 
     def arrived(self, items: int, now: float) -> None:
-        """``items`` more arrived (at ``now``, seconds): the arrival rate, averaged over windows of 0.5 s."""
-        if self._since is None:
-            self._since = now
-        self._counted += items
-        span = now - self._since
-        if span >= 0.5:
-            rate = self._counted / span
-            self._rate = rate if self._rate == 0 else self._rate + 0.5 * (rate - self._rate)
-            self._counted, self._since = 0, now
+        """``items`` more arrived at ``now`` (seconds, monotonic)."""
+        if items > 0:
+            self._arrivals.append((now, items))
+            self._in_window += items
+        self._forget(now)
 
-    @property
-    def rate(self) -> float:
-        return self._rate
+    def rate(self, now: float) -> float:
+        """Items/s that arrived in the last ``RATE_WINDOW_S`` seconds (0 once nothing has for that long)."""
+        self._forget(now)
+        return self._in_window / RATE_WINDOW_S
+
+    def _forget(self, now: float) -> None:
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] <= now - RATE_WINDOW_S:
+            self._in_window -= arrivals.popleft()[1]
 
     def model_ms(self, n: int) -> float:
         """The fitted model time of a batch of ``n`` (0 before any batch was seen)."""
@@ -205,22 +211,45 @@ class LatencyTarget:
         intercept = max(0.0, mean_t - slope * mean_n)
         return intercept + slope * n
 
-    def choose(self, queued: int) -> Choice:
-        """The policy for the next batch, with ``queued`` items waiting now."""
-        limit, reachable = 1, 2 * self.model_ms(1) <= self.budget_ms
-        lo, hi = 1, self.cap  # the largest n with 2 t(n) within the budget (t grows with n)
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if 2 * self.model_ms(mid) <= self.budget_ms:
-                limit, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        t = self.model_ms(limit)
-        wait = 0.0
-        busy = self._rate * t / limit / 1000 if limit else 0.0  # the model's share of time at this batch size
-        if busy >= 0.5 and self._rate > 0:
-            wait = max(0.0, min(self.budget_ms - 2 * t, 1000 * (limit - 1) / self._rate))
-        if queued > limit:
-            limit = self.cap
+    def choose(self, queued: int, now: float) -> Choice:
+        """The policy for the next batch, with ``queued`` items waiting at ``now`` (see the class doc)."""
+        budget, cap, rate = self.budget_ms, self.cap, self.rate(now) / 1000  # items per ms
+        latest = self._largest(lambda n: 2 * self.model_ms(n) <= budget)  # the largest batch the target allows
+        reachable = 2 * self.model_ms(1) <= budget
+        # The smallest batch that keeps the model under UTILISATION at this arrival rate (cap: none does).
+        needed = self._smallest(lambda n: rate * self.model_ms(n) <= UTILISATION * n) if rate > 0 else 1
+        if needed <= latest:
+            # The target holds: batches up to what it allows; wait (at most what the budget leaves) only as long
+            # as it takes the batch that keeps up to fill: none at light load, where that is one item.
+            limit = latest
+            wait = min((needed - 1) / rate if rate > 0 else 0.0, max(0.0, budget - 2 * self.model_ms(needed)))
+        else:
+            # Too much load for the target: full batches, waited for (as long as they take to fill, at most the
+            # budget), the fewest model runs per item; the queue stays shortest that way.
+            limit, wait = cap, min((cap - 1) / rate, budget)
+        if queued > limit:  # a backlog: the target is lost for those items; the largest batches drain it soonest
+            limit = cap
         self.choice = Choice(BatchPolicy(limit, round(wait, 2)), self.model_ms(limit), reachable)
         return self.choice
+
+    def _largest(self, fits: Callable[[int], bool]) -> int:
+        """The largest n in [1, cap] that ``fits`` (fits is true up to some n, then false), at least 1."""
+        lo, hi, best = 1, self.cap, 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def _smallest(self, fits: Callable[[int], bool]) -> int:
+        """The smallest n in [1, cap] that ``fits`` (false up to some n, then true); cap if none does."""
+        lo, hi, best = 1, self.cap, self.cap
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                best, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+        return best

@@ -121,23 +121,28 @@ def test_latency_target_fits_the_model_time_per_batch_size() -> None:
 
 def test_latency_target_takes_the_largest_batch_within_the_budget() -> None:
     # Budget 0.8 x target; an item may wait for the batch ahead, then its own: 2 t(n) <= budget.
-    assert _affine(40).choose(queued=0).policy == BatchPolicy(11, 0.0)  # 2 (5 + n) <= 32
-    assert _affine(100).choose(queued=0).policy.max_batch_size == 32  # the cap binds first
+    assert _affine(40).choose(0, 0.0).policy == BatchPolicy(11, 0.0)  # 2 (5 + n) <= 32
+    assert _affine(100).choose(0, 0.0).policy.max_batch_size == 32  # the cap binds first
     slow = _affine(10, base=20.0)
-    choice = slow.choose(queued=0)
+    choice = slow.choose(0, 0.0)
     assert choice.policy.max_batch_size == 1 and not choice.reachable
 
 
+def _at(lt: LatencyTarget, per_s: float) -> LatencyTarget:
+    for k in range(10):  # per_s items a second, in tenths, up to t = 1.0
+        lt.arrived(int(per_s / 10), 0.1 + k / 10)
+    return lt
+
+
 def test_latency_target_waits_only_under_load_and_drains_a_backlog_with_full_batches() -> None:
-    lt = _affine(100)
-    lt.arrived(5, 0.0)
-    lt.arrived(5, 1.0)  # 10 items in 1 s: the model idles; no waiting
-    assert lt.rate == pytest.approx(10.0)
-    assert lt.choose(queued=0).policy.max_wait_ms == 0.0
-    busy = _affine(100)
-    busy.arrived(0, 0.0)
-    busy.arrived(1500, 1.0)  # 1,500/s: busy; wait what the budget leaves, at most the time to fill a batch
-    policy = busy.choose(queued=0).policy
-    assert policy.max_wait_ms == pytest.approx(min(80 - 2 * 37, 1000 * 31 / 1500), abs=0.01)
-    tight = _affine(40)
-    assert tight.choose(queued=100).policy.max_batch_size == 32  # a backlog: the target is lost; drain fastest
+    # t(n) = 5 + n ms; target 40 ms: budget 32 ms, batches of up to 11 (2 t(n) <= 32).
+    assert _at(_affine(40), 10).rate(1.0) == pytest.approx(10.0)
+    assert _at(_affine(40), 10).rate(3.0) == 0.0  # nothing for a while: forgotten
+    assert _at(_affine(40), 10).choose(0, 1.0).policy == BatchPolicy(11, 0.0)  # one item keeps up: no wait
+    # 210/s: batches of 2 keep the model under 80% busy (0.21 (5 / n + 1) <= 0.8): wait for the second item.
+    assert _at(_affine(40), 210).choose(0, 1.0).policy == BatchPolicy(11, round(1000 / 210, 2))
+    # 700/s: no batch the target allows keeps up; full batches, waited for (at most the budget).
+    assert _at(_affine(40), 700).choose(0, 1.0).policy == BatchPolicy(32, 32.0)
+    assert _at(_affine(40), 700).choose(0, 5.0).policy == BatchPolicy(11, 0.0)  # the load is gone: so is the wait
+    # A backlog: the target is lost for it; full batches drain it soonest.
+    assert _affine(40).choose(100, 0.0).policy.max_batch_size == 32
