@@ -188,6 +188,7 @@ async def main() -> None:
                             "requests": [len(x) for x in by_step]}
                 seconds = int(args.step_s * len(STEPS))
                 per_second[v] = [(t + 0.5, _p99([lat for s, lat in pts if t <= s < t + 1])) for t in range(seconds)]
+                steps[v]["p99_ms_per_second"] = [round(x, 1) for _, x in per_second[v]]
                 print(name, v, "p99 per step", [round(x, 1) for x in steps[v]["p99_ms"]], flush=True)
             adaptive_sat = statistics.median(sat["adaptive"])
             met_steps: list[bool | None] = []  # per step; None: no fixed setting keeps the target there either

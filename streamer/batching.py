@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 __all__ = ["BatchPolicy", "BatchQueue", "Choice", "LatencyTarget"]
 
-UTILISATION = 0.8  # the share of its time the model may be busy before batches must grow (latency target)
+EXPECTED_ITEMS = 0.25  # a batch waits only when at least this many more items are expected within the wait
 RATE_WINDOW_S = 1.0  # the arrival rate is what arrived in this last while
 
 K = TypeVar("K")
@@ -151,13 +151,12 @@ class LatencyTarget:
 
     With a budget of ``headroom * target_ms`` (0.8: room for the tail), an item may wait for the batch
     ahead of it on the model, then for its own: the batch limit is the largest ``n`` (up to ``cap``) with
-    ``2 * t(n)`` within the budget. Batches must also keep up: at arrival rate ``r`` the smallest batch that
-    keeps the model under ``UTILISATION`` busy (``r * t(n) <= 0.8 * n``; one item at light load) is the one
-    waited for, for as long as it takes to fill and at most what the budget leaves, so no batch waits at light
-    load. When even the largest batch the target allows cannot keep up, the target cannot hold at this load:
-    batches are then full (``cap``) and wait to fill (at most the budget), the fewest model runs per item,
-    which keeps the queue, and so the latency, shortest. With more queued than the limit (a backlog: the
-    target is lost for those items already) the batch limit is ``cap``: full batches drain a backlog soonest.
+    ``wait + 2 * t(n)`` within the budget. A batch waits to fill for the model's fixed cost per batch (the
+    fit's intercept ``a``: what running a batch without the next item costs again, the ski-rental rule),
+    at most what the budget leaves, and only when at the arrival rate of the last second another item is
+    likely within it (``rate * a >= 0.25``): at light load nothing waits. With more queued than the limit (a
+    backlog: the target is lost for those items already) the batch limit is ``cap``: full batches drain a
+    backlog soonest.
     """
 
     def __init__(self, target_ms: float, cap: int, headroom: float = 0.8, alpha: float = 0.2) -> None:
@@ -213,22 +212,17 @@ class LatencyTarget:
 
     def choose(self, queued: int, now: float) -> Choice:
         """The policy for the next batch, with ``queued`` items waiting at ``now`` (see the class doc)."""
-        budget, cap, rate = self.budget_ms, self.cap, self.rate(now) / 1000  # items per ms
-        latest = self._largest(lambda n: 2 * self.model_ms(n) <= budget)  # the largest batch the target allows
+        budget, rate = self.budget_ms, self.rate(now) / 1000  # items per ms
         reachable = 2 * self.model_ms(1) <= budget
-        # The smallest batch that keeps the model under UTILISATION at this arrival rate (cap: none does).
-        needed = self._smallest(lambda n: rate * self.model_ms(n) <= UTILISATION * n) if rate > 0 else 1
-        if needed <= latest:
-            # The target holds: batches up to what it allows; wait (at most what the budget leaves) only as long
-            # as it takes the batch that keeps up to fill: none at light load, where that is one item.
-            limit = latest
-            wait = min((needed - 1) / rate if rate > 0 else 0.0, max(0.0, budget - 2 * self.model_ms(needed)))
-        else:
-            # Too much load for the target: full batches, waited for (as long as they take to fill, at most the
-            # budget), the fewest model runs per item; the queue stays shortest that way.
-            limit, wait = cap, min((cap - 1) / rate, budget)
+        fixed = self.model_ms(1) - (self.model_ms(2) - self.model_ms(1))  # a batch's cost whatever its size
+        wait = 0.0
+        if rate * fixed >= EXPECTED_ITEMS:
+            # Another item is likely within a batch's fixed cost: wait for it up to that cost (what running a
+            # batch without it would cost again), within what the budget leaves.
+            wait = max(0.0, min(fixed, budget - 2 * self.model_ms(1)))
+        limit = self._largest(lambda n: wait + 2 * self.model_ms(n) <= budget)  # the largest batch the target allows
         if queued > limit:  # a backlog: the target is lost for those items; the largest batches drain it soonest
-            limit = cap
+            limit = self.cap
         self.choice = Choice(BatchPolicy(limit, round(wait, 2)), self.model_ms(limit), reachable)
         return self.choice
 
@@ -241,15 +235,4 @@ class LatencyTarget:
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
-        return best
-
-    def _smallest(self, fits: Callable[[int], bool]) -> int:
-        """The smallest n in [1, cap] that ``fits`` (false up to some n, then true); cap if none does."""
-        lo, hi, best = 1, self.cap, self.cap
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                best, hi = mid, mid - 1
-            else:
-                lo = mid + 1
         return best
