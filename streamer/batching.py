@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 __all__ = ["BatchPolicy", "BatchQueue", "Choice", "LatencyTarget"]
 
 EXPECTED_ITEMS = 0.25  # a batch waits only when at least this many more items are expected within the wait
+UTILISATION = 0.8  # batches may not be so small that the model is busier than this (queues grow without bound)
 RATE_WINDOW_S = 1.0  # the arrival rate is what arrived in this last while
 
 K = TypeVar("K")
@@ -154,7 +155,10 @@ class LatencyTarget:
     ``wait + 2 * t(n)`` within the budget. A batch waits to fill for the model's fixed cost per batch (the
     fit's intercept ``a``: what running a batch without the next item costs again, the ski-rental rule),
     at most what the budget leaves, and only when at the arrival rate of the last second another item is
-    likely within it (``rate * a >= 0.25``): at light load nothing waits. With more queued than the limit (a
+    likely within it (``rate * a >= 0.25``): at light load nothing waits. The limit is never below the
+    smallest batch that keeps the model under ``UTILISATION`` (80%) busy at that rate (``rate * t(n) <= 0.8 *
+    n``; all of ``cap`` when none does): near saturation, batches too small for the load grow the queue
+    without bound, and the target with it. With more queued than the limit (a
     backlog: the target is lost for those items already) the batch limit is ``cap``: full batches drain a
     backlog soonest.
     """
@@ -221,6 +225,8 @@ class LatencyTarget:
             # batch without it would cost again), within what the budget leaves.
             wait = max(0.0, min(fixed, budget - 2 * self.model_ms(1)))
         limit = self._largest(lambda n: wait + 2 * self.model_ms(n) <= budget)  # the largest batch the target allows
+        if rate > 0:  # never below the smallest batch that keeps the model under UTILISATION busy (cap: none does)
+            limit = max(limit, self._smallest(lambda n: rate * self.model_ms(n) <= UTILISATION * n))
         if queued > limit:  # a backlog: the target is lost for those items; the largest batches drain it soonest
             limit = self.cap
         self.choice = Choice(BatchPolicy(limit, round(wait, 2)), self.model_ms(limit), reachable)
@@ -235,4 +241,15 @@ class LatencyTarget:
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
+        return best
+
+    def _smallest(self, fits: Callable[[int], bool]) -> int:
+        """The smallest n in [1, cap] that ``fits`` (false up to some n, then true); cap if none does."""
+        lo, hi, best = 1, self.cap, self.cap
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                best, hi = mid, mid - 1
+            else:
+                lo = mid + 1
         return best

@@ -143,5 +143,8 @@ def test_latency_target_waits_only_under_load_and_drains_a_backlog_with_full_bat
     # 200/s: one is likely (1.0): wait up to the fixed cost, and the limit makes room for the wait.
     assert _at(_affine(40), 200).choose(0, 1.0).policy == BatchPolicy(8, 5.0)  # 5 + 2 (5 + n) <= 32
     assert _at(_affine(40), 200).choose(0, 5.0).policy == BatchPolicy(11, 0.0)  # the load is gone: so is the wait
+    # 700/s: batches of 11 would keep the model 1.03x busy; the limit grows to the smallest that keeps it under
+    # 80% (0.7 (5 / n + 1) <= 0.8: none up to 32, so 32), the target cannot hold at this load.
+    assert _at(_affine(40), 700).choose(0, 1.0).policy == BatchPolicy(32, 5.0)
     # A backlog: the target is lost for it; full batches drain it soonest.
     assert _affine(40).choose(100, 0.0).policy.max_batch_size == 32
