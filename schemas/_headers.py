@@ -21,6 +21,8 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "SCHEMA_HEADER",
     "SCHEMA_VERSION",
+    "TRACEPARENT_HEADER",
+    "TRACESTATE_HEADER",
     "DeadLetterHeaders",
     "RoutingHeaders",
     "header_text",
@@ -32,6 +34,8 @@ CONTENT_TYPE_HEADER: Final = "content-type"
 REQUEST_ID_HEADER: Final = "streamer-request-id"
 REPLY_TOPIC_HEADER: Final = "streamer-reply-topic"
 REPLY_PARTITION_HEADER: Final = "streamer-reply-partition"
+TRACEPARENT_HEADER: Final = "traceparent"  # W3C Trace Context (streamer.tracing)
+TRACESTATE_HEADER: Final = "tracestate"
 
 
 class DeadLetterHeaders:

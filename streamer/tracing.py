@@ -32,12 +32,12 @@ import sys
 import time
 from typing import Any
 
+from schemas import TRACEPARENT_HEADER, TRACESTATE_HEADER
+
 __all__ = ["ClientTracing", "WorkerTracing", "tracing"]
 
 log = logging.getLogger(__name__)
 
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
 
 def tracing() -> Any | None:
@@ -104,7 +104,7 @@ def _incoming(headers: Any) -> Any:
 
     carrier: dict[str, str] = {}
     for key, value in headers or ():
-        if key in (TRACEPARENT, TRACESTATE) and value is not None:
+        if key in (TRACEPARENT_HEADER, TRACESTATE_HEADER) and value is not None:
             try:
                 carrier[key] = bytes(value).decode()
             except UnicodeDecodeError:
