@@ -16,13 +16,17 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from .errors import BrokerError
 from .paths import cache_dir
 
-__all__ = ["KAFKA_VERSION", "LocalKafka", "LocalKafkaCluster", "free_port", "kafka_jars"]
+__all__ = ["KAFKA_VERSION", "LocalKafka", "LocalKafkaCluster", "free_port", "kafka_jars", "start_on_free_ports"]
+
+_Startable = TypeVar("_Startable", "LocalKafka", "LocalKafkaCluster")
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
@@ -82,6 +86,18 @@ def kafka_jars(version: str = KAFKA_VERSION, root: Path | None = None) -> Path:
             shutil.rmtree(libs)
         staging.rename(libs)
     return libs
+
+def start_on_free_ports(make: Callable[[], _Startable], attempts: int = 3) -> _Startable:
+    """``make().start()``, with new ports when a port picked by :func:`free_port` was taken before the broker bound
+    it (another process's outgoing connection may get it meanwhile: the ephemeral range is shared)."""
+    for attempt in range(attempts):
+        try:
+            return make().start()
+        except BrokerError as exc:
+            if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -17,7 +17,6 @@ import pytest
 
 from streamer import ClientSettings, WorkerSettings, kafka
 from streamer.config import KafkaSettings
-from streamer.errors import BrokerError
 
 pytest_plugins = ["tests.helpers"]
 
@@ -48,12 +47,9 @@ def broker() -> Iterator[_Broker]:
         yield _Broker(env, "external")
         return
     if shutil.which("java") and shutil.which("mvn"):
-        from streamer.broker import LocalKafka
+        from streamer.broker import LocalKafka, start_on_free_ports
 
-        try:
-            local = LocalKafka().start()
-        except BrokerError:  # a free port taken between picking and binding: try once more
-            local = LocalKafka().start()
+        local = start_on_free_ports(LocalKafka)
         try:
             yield _Broker(local.bootstrap_servers, "apache-kafka", local)
         finally:

@@ -12,7 +12,7 @@ import pytest
 
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
-from streamer.broker import LocalKafka, LocalKafkaCluster
+from streamer.broker import LocalKafka, LocalKafkaCluster, start_on_free_ports
 from streamer.models import load_model
 
 from ..helpers import Processes
@@ -35,7 +35,7 @@ async def _topics(ws: WorkerSettings, replication: int) -> None:
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[LocalKafkaCluster]:
-    c = await asyncio.to_thread(lambda: LocalKafkaCluster(3).start())
+    c = await asyncio.to_thread(start_on_free_ports, lambda: LocalKafkaCluster(3))
     try:
         yield c
     finally:
