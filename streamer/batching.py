@@ -169,6 +169,7 @@ class LatencyTarget:
         self.budget_ms = headroom * target_ms
         self._alpha = alpha
         self._cost: dict[int, float] = {}  # batch size -> moving mean of its model ms
+        self._fit: tuple[float, float, int] | None = None  # (a, b, n0) of model_ms, until the next observation
         self._arrivals: deque[tuple[float, int]] = deque()  # (when, how many) in the last RATE_WINDOW_S
         self._in_window = 0
         self.choice = Choice(BatchPolicy(1, 0.0), 0.0, True)
@@ -179,6 +180,7 @@ class LatencyTarget:
             return
         old = self._cost.get(n)
         self._cost[n] = model_ms if old is None else old + self._alpha * (model_ms - old)
+        self._fit = None
         if len(self._cost) > 64:  # keep the sizes seen last
             self._cost.pop(next(iter(self._cost)))
 
@@ -201,18 +203,25 @@ class LatencyTarget:
 
     def model_ms(self, n: int) -> float:
         """The fitted model time of a batch of ``n`` (0 before any batch was seen)."""
+        if self._fit is None:
+            self._fit = self._fitted()
+        a, b, n0 = self._fit
+        return a + b * n if n0 == 0 else a * max(1.0, n / n0)
+
+    def _fitted(self) -> tuple[float, float, int]:
+        """``(a, b, 0)``: ``t(n) = a + b n`` by least squares over the sizes seen; ``(t(n0), 0, n0)`` while one size
+        ``n0`` was seen (proportional above it); ``(0, 0, 0)`` before any. Computed once per observation: a
+        choice asks for ``t(n)`` at a dozen sizes before every batch."""
         sizes = sorted(self._cost)
         if not sizes:
-            return 0.0
+            return 0.0, 0.0, 0
         if len(sizes) == 1:
-            n0 = sizes[0]
-            return self._cost[n0] * max(1.0, n / n0)
+            return self._cost[sizes[0]], 0.0, sizes[0]
         mean_n = sum(sizes) / len(sizes)
         mean_t = sum(self._cost[s] for s in sizes) / len(sizes)
         var = sum((s - mean_n) ** 2 for s in sizes)
         slope = max(0.0, sum((s - mean_n) * (self._cost[s] - mean_t) for s in sizes) / var)
-        intercept = max(0.0, mean_t - slope * mean_n)
-        return intercept + slope * n
+        return max(0.0, mean_t - slope * mean_n), slope, 0
 
     def choose(self, queued: int, now: float) -> Choice:
         """The policy for the next batch, with ``queued`` items waiting at ``now`` (see the class doc)."""
