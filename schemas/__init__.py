@@ -10,6 +10,7 @@ from ._fast import (
     ResultWriter,
     WireReply,
     WireRequest,
+    WireResult,
     WireStage,
     WireTiming,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "WireError",
     "WireReply",
     "WireRequest",
+    "WireResult",
     "WireStage",
     "WireTiming",
     "header_text",

