@@ -291,6 +291,8 @@ async def wait_for_group(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    seen = "nothing yet"  # the last answer, for the error: a group stuck rebalancing reads differently from no answer
+    since = loop.time()
     while True:
         if check is not None:
             check()
@@ -298,11 +300,14 @@ async def wait_for_group(
             state, ids = await describe_group(settings, group_id)
             if state == "Stable" and (len(ids) >= members if at_least else len(ids) == members):
                 return
-        except KafkaError:
-            pass
+            now = f"{state} with {len(ids)} member(s)"
+        except KafkaError as exc:
+            now = f"{type(exc).__name__}: {exc}"
+        if now != seen:
+            seen, since = now, loop.time()
         if loop.time() > deadline:
             raise TimeoutError(f"group {group_id} did not reach {'at least ' if at_least else ''}{members} stable "
-                               f"members in {timeout_s:g} s")
+                               f"members in {timeout_s:g} s (last: {seen}, for {loop.time() - since:.0f} s)")
         await asyncio.sleep(0.2)
 
 

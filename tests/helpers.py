@@ -54,7 +54,10 @@ class Processes:
 
     async def wait_group(self, settings: KafkaSettings, group_id: str, members: int, timeout_s: float = 180) -> None:
         """Wait for the group to be stable with ``members`` members; fail at once if a process died."""
-        await kafka.wait_for_group(settings, group_id, members, timeout_s, check=self.check_alive)
+        try:
+            await kafka.wait_for_group(settings, group_id, members, timeout_s, check=self.check_alive)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()[-4000:]}") from None
 
     def stop(self, proc: WorkerProcess, timeout_s: float = 30.0) -> int:
         """SIGTERM one process and wait for it; returns its exit code."""
