@@ -208,6 +208,21 @@ def bare_encoder(sentences: list[str], batch: int, device: str, dtype: str) -> f
     return sorted(rates)[2]
 
 
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 once it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role(pids: dict[str, list[int | None]]) -> dict[str, float]:
+    return {role: sum(cpu_s(p) for p in ps) for role, ps in pids.items()}
+
+
 async def spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     out = log.open("ab")
     try:
@@ -288,10 +303,15 @@ async def main() -> None:
         await kafka.wait_for_group(settings, spec.group_id("tokenize"), args.tokenizers, timeout_s=180,
                                    check=alive)
         stable = time.perf_counter()
+        roles: dict[str, list[int | None]] = {
+            "tokenize": [p.pid for p in procs[args.encoders:]], "encode": [p.pid for p in procs[:args.encoders]],
+            "broker": [broker.pid], "collector (this process)": [os.getpid()]}
+        cpu_at_stable = cpu_by_role(roles)
         profilers = []
         if args.logs and shutil.which("py-spy"):
             profilers = await profile(procs[0], work=work)
         await collecting
+        cpu_at_end, cpu_read, end = cpu_by_role(roles), time.perf_counter(), collector.marks[-1][0]
         await asyncio.gather(*(p.wait() for p in profilers))
         await busy.stop()
     finally:
@@ -305,7 +325,10 @@ async def main() -> None:
             shutil.make_archive(args.logs, "gztar", work)  # one file: the device returns a limited count
     steady_rate, before_stable = collector.rate(stable)
     whole_rate, _ = collector.rate()
-    end = collector.marks[-1][0]
+    # Where the host's cores went over the window: cores busy per role, and CPU µs per sentence.
+    window, done = cpu_read - stable, args.requests - before_stable
+    cores = {role: (cpu_at_end[role] - cpu_at_stable[role]) / window for role in roles}
+    us_per_item = {role: 1e6 * (cpu_at_end[role] - cpu_at_stable[role]) / max(done, 1) for role in roles}
     bare = bare_encoder(sentences[: min(len(sentences), 20 * args.batch)], args.batch, args.device, args.dtype)
     out = {
         "gpu": gpu, "device": args.device, "dtype": args.dtype, "batch": args.batch, "tokenizers": args.tokenizers,
@@ -317,6 +340,7 @@ async def main() -> None:
         "ratio_pipeline_over_bare": steady_rate / bare, "not_ok": collector.bad, "publish_rate": publish_rate,
         "results_before_all_joined": before_stable, "first_to_last_result_per_s": whole_rate,
         "steady_s": end - stable, "gpu_busy_steady": busy.mean(stable, end),
+        "host_cores_busy": cores, "cpu_us_per_sentence": us_per_item,
     }
     write_json(Path(args.out), out)
     print(json.dumps(out, indent=2))

@@ -192,7 +192,7 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up)
+            await asyncio.get_running_loop().run_in_executor(None, self.runner.warm_up, self.policy.max_batch_size)
             if self.target is not None and (seen := self.runner.model_time()) is not None:
                 self.target.observed(round(seen[1]), seen[0])
             if self.settings.capacity is None and self.settings.assignor == "capacity":

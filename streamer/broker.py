@@ -161,6 +161,11 @@ class LocalKafka:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks account its CPU)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def sasl_bootstrap_servers(self) -> str:
         """The SASL_PLAINTEXT (SCRAM-SHA-256) listener, when ``scram_users`` were given."""
         if self.sasl_port is None:

@@ -73,3 +73,29 @@ async def test_a_slower_model_keeps_its_own_thread() -> None:
     finally:
         runner.close()
     assert all(t.startswith("streamer-model") for t in model.threads)
+
+
+class Sized(TinyMLP):
+    """tiny-mlp that notes each batch's size; ``device`` says where it claims to run."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(torch.device("cpu"))
+        self.device = torch.device(device)  # no maths is done: only the warm-up reads this
+        self.sizes: list[int] = []
+
+    def run(self, items: list[Any]) -> list[Any]:
+        self.sizes.append(len(items))
+        return [0.0] * len(items)
+
+
+def test_warm_up_runs_full_batches_on_an_accelerator_only() -> None:
+    # CUDA loads kernels on first use and a full batch uses others than a batch of 2: on a GPU the first full
+    # batches would otherwise pay for it while serving. On a CPU, two items are enough.
+    for device, want in (("cpu", [2, 2]), ("meta", [2, 2, 64, 64])):
+        model = Sized(device)
+        runner = BatchRunner(model, Codec(), "w", "results", Route("tiny-mlp"))
+        try:
+            runner.warm_up(64)
+        finally:
+            runner.close()
+        assert model.sizes == want, device
