@@ -7,14 +7,15 @@ interleaved, fresh topics per run:
 1. saturation: N requests at once, every result awaited: throughput (``--repeats`` rounds, median);
 2. a step load: ``--step-s`` seconds each at 15%, 80% and 15% of the best fixed variant's saturation
    throughput (light, near saturation, light again), open loop; each request's latency from its creation to
-   its result's arrival; p99 per step, and p99 per second for the plot.
+   its result's arrival; p99 per step (the median over ``--step-repeats`` interleaved runs), and p99 per second
+   (the first run) for the plot.
 
 Goals (issue 12): the adaptive worker keeps p99 under the target at every step where any fixed setting does,
 and reaches at least 0.9x the best fixed setting's throughput at saturation.
 
 Models: ``bench.standins:affine`` (5 ms + 0.5 ms per item, CPU free: a model with a known cost per batch) and
 ``minilm`` on the CPU. Writes bench/results/latency_target.json and latency_target.svg. Usage:
-    python bench/bench_latency_target.py [--models affine,minilm] [--repeats 3] [--step-s 10]
+    python bench/bench_latency_target.py [--models affine,minilm] [--repeats 3] [--step-s 10] [--step-repeats 3]
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ async def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--step-s", type=float, default=10.0)
+    ap.add_argument("--step-repeats", type=int, default=3, help="step loads per variant (median per step)")
+    ap.add_argument("--out", default="latency_target", help="name of the JSON and SVG in bench/results")
     args = ap.parse_args()
     broker = LocalKafka().start()
     results: dict[str, Any] = {"machine": machine(), "steps": list(STEPS), "step_s": args.step_s, "models": {}}
@@ -177,19 +180,27 @@ async def main() -> None:
                 print(name, "saturation", {v: round(x[-1]) for v, x in sat.items()}, flush=True)
             best = max(statistics.median(sat[v]) for v in VARIANTS if v != "adaptive")
             rates = [round(best * f, 1) for f in STEPS]
-            steps: dict[str, Any] = {}
+            steps: dict[str, Any] = {v: {"runs": []} for v in VARIANTS}
             per_second: dict[str, list[tuple[float, float]]] = {}
-            for v in VARIANTS:
-                pts = await _steps(v, broker.bootstrap_servers, spec, target, rates, args.step_s)
-                by_step = [[lat for t, lat in pts if k * args.step_s <= t < (k + 1) * args.step_s]
-                           for k in range(len(STEPS))]
-                steps[v] = {"p99_ms": [_p99(x) for x in by_step], "p50_ms": [float(np.median(x)) if x else None
-                                                                             for x in by_step],
-                            "requests": [len(x) for x in by_step]}
-                seconds = int(args.step_s * len(STEPS))
-                per_second[v] = [(t + 0.5, _p99([lat for s, lat in pts if t <= s < t + 1])) for t in range(seconds)]
-                steps[v]["p99_ms_per_second"] = [round(x, 1) for _, x in per_second[v]]
-                print(name, v, "p99 per step", [round(x, 1) for x in steps[v]["p99_ms"]], flush=True)
+            seconds = int(args.step_s * len(STEPS))
+            for r in range(args.step_repeats):  # the light steps vary from run to run: repeats, interleaved
+                for v in VARIANTS:
+                    pts = await _steps(v, broker.bootstrap_servers, spec, target, rates, args.step_s)
+                    by_step = [[lat for t, lat in pts if k * args.step_s <= t < (k + 1) * args.step_s]
+                               for k in range(len(STEPS))]
+                    second = [(t + 0.5, _p99([lat for s, lat in pts if t <= s < t + 1])) for t in range(seconds)]
+                    steps[v]["runs"].append({
+                        "p99_ms": [_p99(x) for x in by_step],
+                        "p50_ms": [float(np.median(x)) if x else None for x in by_step],
+                        "requests": [len(x) for x in by_step],
+                        "p99_ms_per_second": [round(x, 1) for _, x in second]})
+                    if r == 0:
+                        per_second[v] = second
+                    print(name, v, f"run {r + 1}: p99 per step", [round(x, 1) for x in steps[v]["runs"][-1]["p99_ms"]],
+                          flush=True)
+            for v in VARIANTS:  # the median over the repeats, step by step
+                steps[v]["p99_ms"] = [statistics.median(run["p99_ms"][k] for run in steps[v]["runs"])
+                                      for k in range(len(STEPS))]
             adaptive_sat = statistics.median(sat["adaptive"])
             met_steps: list[bool | None] = []  # per step; None: no fixed setting keeps the target there either
             for k in range(len(STEPS)):
@@ -205,8 +216,8 @@ async def main() -> None:
     finally:
         broker.stop()
     out = ROOT / "bench" / "results"
-    (out / "latency_target.json").write_text(json.dumps(results, indent=2))
-    _svg(out / "latency_target.svg", panels)
+    (out / f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    _svg(out / f"{args.out}.svg", panels)
     print(json.dumps({m: {k: r[k] for k in ("rates", "adaptive_vs_best_fixed_throughput", "p99_goal_met_per_step")}
                       | {"p99": {v: s["p99_ms"] for v, s in r["steps"].items()}}
                       for m, r in results["models"].items()}, indent=2))

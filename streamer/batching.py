@@ -17,7 +17,9 @@ from typing import Generic, TypeVar
 __all__ = ["BatchPolicy", "BatchQueue", "Choice", "LatencyTarget"]
 
 EXPECTED_ITEMS = 0.25  # a batch waits only when at least this many more items are expected within the wait
-UTILISATION = 0.8  # batches may not be so small that the model is busier than this (queues grow without bound)
+LIGHT_LOAD = 0.5  # batches wait to fill only below this share of what full batches can serve
+UTILISATION = 0.9  # batches may not be so small that the model is busier than this (queues grow without bound)
+BACKLOG_GAIN = 0.8  # a backlog takes full batches only if they cost at most this share per item of the limit's
 RATE_WINDOW_S = 1.0  # the arrival rate is what arrived in this last while
 
 K = TypeVar("K")
@@ -225,20 +227,24 @@ class LatencyTarget:
 
     def choose(self, queued: int, now: float) -> Choice:
         """The policy for the next batch, with ``queued`` items waiting at ``now`` (see the class doc)."""
-        budget, rate = self.budget_ms, self.rate(now) / 1000  # items per ms
-        reachable = 2 * self.model_ms(1) <= budget
-        fixed = self.model_ms(1) - (self.model_ms(2) - self.model_ms(1))  # a batch's cost whatever its size
+        budget, rate, t = self.budget_ms, self.rate(now) / 1000, self.model_ms  # rate: items per ms
+        reachable = 2 * t(1) <= budget
         wait = 0.0
-        if rate * fixed >= EXPECTED_ITEMS:
-            # Another item is likely within a batch's fixed cost: wait for it up to that cost (what running a
-            # batch without it would cost again), within what the budget leaves.
-            wait = max(0.0, min(fixed, budget - 2 * self.model_ms(1)))
-        limit = self._largest(lambda n: wait + 2 * self.model_ms(n) <= budget)  # the largest batch the target allows
-        if rate > 0:  # never below the smallest batch that keeps the model under UTILISATION busy (cap: none does)
-            limit = max(limit, self._smallest(lambda n: rate * self.model_ms(n) <= UTILISATION * n))
-        if queued > limit:  # a backlog: the target is lost for those items; the largest batches drain it soonest
+        fixed = t(1) - (t(2) - t(1))  # a batch's cost whatever its size: what waiting for one more item saves
+        if rate * fixed >= EXPECTED_ITEMS and rate * t(self.cap) <= LIGHT_LOAD * self.cap:
+            # Light load, and another item is likely within a batch's fixed cost: wait for the batch that arrives
+            # within the budget, as long as the item that waits longest still has two batch times left.
+            expected = min(self.cap, max(1, round(rate * budget)))
+            wait = max(0.0, min(budget / 2, budget - 2 * t(expected)))
+        limit = self._largest(lambda n: wait + 2 * t(n) <= budget)  # the largest batch the target allows
+        if rate > 0 and rate * t(limit) > UTILISATION * limit:
+            # Batches that small cannot keep up with the load: the queue, and the latency with it, would grow
+            # without bound. The smallest batch that keeps up (all of cap when none does).
+            limit = max(limit, self._smallest(lambda n: rate * t(n) <= UTILISATION * n))
+        if queued > limit and t(self.cap) / self.cap <= BACKLOG_GAIN * t(limit) / limit:
+            # A backlog (the target is lost for some items already), and full batches drain it notably faster.
             limit = self.cap
-        self.choice = Choice(BatchPolicy(limit, round(wait, 2)), self.model_ms(limit), reachable)
+        self.choice = Choice(BatchPolicy(limit, round(wait, 2)), t(limit), reachable)
         return self.choice
 
     def _largest(self, fits: Callable[[int], bool]) -> int:

@@ -140,11 +140,32 @@ def test_latency_target_waits_only_under_load_and_drains_a_backlog_with_full_bat
     assert _at(_affine(40), 10).rate(3.0) == 0.0  # nothing for a while: forgotten
     # 10/s: another item within a batch's fixed cost (5 ms) is unlikely (0.05): no wait.
     assert _at(_affine(40), 10).choose(0, 1.0).policy == BatchPolicy(11, 0.0)
-    # 200/s: one is likely (1.0): wait up to the fixed cost, and the limit makes room for the wait.
-    assert _at(_affine(40), 200).choose(0, 1.0).policy == BatchPolicy(8, 5.0)  # 5 + 2 (5 + n) <= 32
+    # 200/s, light (full batches would serve 865/s): another item is likely within the fixed cost (1.0), so a
+    # batch waits for what arrives within the budget (6 items), leaving two batch times: 32 - 2 t(6) = 10 ms;
+    # the limit makes room for the wait: 10 + 2 (5 + n) <= 32.
+    assert _at(_affine(40), 200).choose(0, 1.0).policy == BatchPolicy(6, 10.0)
     assert _at(_affine(40), 200).choose(0, 5.0).policy == BatchPolicy(11, 0.0)  # the load is gone: so is the wait
-    # 700/s: batches of 11 would keep the model 1.03x busy; the limit grows to the smallest that keeps it under
-    # 80% (0.7 (5 / n + 1) <= 0.8: none up to 32, so 32), the target cannot hold at this load.
-    assert _at(_affine(40), 700).choose(0, 1.0).policy == BatchPolicy(32, 5.0)
-    # A backlog: the target is lost for it; full batches drain it soonest.
+    # 700/s, not light: no wait. Batches of 11 would keep the model 1.02x busy; the limit grows to the smallest
+    # that keeps it under 90% (0.7 (5 + n) <= 0.9 n: 18); the target cannot hold at this load.
+    assert _at(_affine(40), 700).choose(0, 1.0).policy == BatchPolicy(18, 0.0)
+    # A backlog: the target is lost for it; full batches (1.16 ms an item) drain it notably faster than batches
+    # of 11 (1.45 ms an item).
     assert _affine(40).choose(100, 0.0).policy.max_batch_size == 32
+
+
+def test_latency_target_keeps_small_batches_when_larger_ones_gain_nothing() -> None:
+    # A model whose time is mostly per item (minilm on a CPU, t(n) = 1 + 8 n ms), target 250 ms: batches of up to
+    # 12 (2 t(n) <= 200). Near saturation (100/s, 0.8 of what it serves) batches of 12 still keep up (model 81%
+    # busy), and a backlog does not make them full: a batch of 32 costs the same per item and holds every item
+    # that arrives meanwhile for 257 ms.
+    def minilm() -> LatencyTarget:
+        lt = LatencyTarget(250, 32)
+        for n in (1, 4, 8, 16, 32):
+            lt.observed(n, 1.0 + 8.0 * n)
+        return lt
+
+    assert minilm().choose(0, 0.0).policy == BatchPolicy(12, 0.0)
+    assert _at(minilm(), 100).choose(0, 1.0).policy == BatchPolicy(12, 0.0)
+    assert _at(minilm(), 100).choose(40, 1.0).policy == BatchPolicy(12, 0.0)
+    # Past what batches of 12 keep up with (120/s: 0.97 busy), the smallest batch that does, or all of cap.
+    assert _at(minilm(), 120).choose(0, 1.0).policy.max_batch_size == 32
