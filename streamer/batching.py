@@ -152,17 +152,19 @@ class LatencyTarget:
     seen, each an average of its recent batches; one size seen: proportional to the size above it, which
     overestimates what batching gains, so the choice errs on the small side until larger batches are seen).
 
-    With a budget of ``headroom * target_ms`` (0.8: room for the tail), an item may wait for the batch
-    ahead of it on the model, then for its own: the batch limit is the largest ``n`` (up to ``cap``) with
-    ``wait + 2 * t(n)`` within the budget. A batch waits to fill for the model's fixed cost per batch (the
-    fit's intercept ``a``: what running a batch without the next item costs again, the ski-rental rule),
-    at most what the budget leaves, and only when at the arrival rate of the last second another item is
-    likely within it (``rate * a >= 0.25``): at light load nothing waits. The limit is never below the
-    smallest batch that keeps the model under ``UTILISATION`` (80%) busy at that rate (``rate * t(n) <= 0.8 *
-    n``; all of ``cap`` when none does): near saturation, batches too small for the load grow the queue
-    without bound, and the target with it. With more queued than the limit (a
-    backlog: the target is lost for those items already) the batch limit is ``cap``: full batches drain a
-    backlog soonest.
+    With a budget of ``headroom * target_ms`` (0.8: room for the tail), an item may wait for its batch to fill,
+    then for the batch ahead of it on the model, then for its own: the batch limit is the largest ``n`` (up to
+    ``cap``) with ``wait + 2 * t(n)`` within the budget. A batch waits to fill only at light load (arrivals over
+    the last second under ``LIGHT_LOAD`` of what full batches serve) and only when another item is likely
+    within the model's fixed cost per batch (the fit's intercept ``a``: ``rate * a >= 0.25``), and then for at
+    most that cost (what running a batch without the next item costs again: the ski-rental rule) and what the
+    budget leaves. Near saturation nothing waits: the model is busy anyway, and items gather while it runs.
+    The limit is never below the smallest batch that keeps the model under ``UTILISATION`` (90%) busy at that
+    rate (all of ``cap`` when none does): batches too small for the load grow the queue without bound, and the
+    target with it. With more queued than the limit (a backlog: the target is lost for those items already)
+    the limit is ``cap`` only if full batches cost at most ``BACKLOG_GAIN`` (80%) per item of the limit's: for
+    a model paid per item, a full batch drains a backlog no sooner and holds every item that arrives meanwhile
+    for longer.
     """
 
     def __init__(self, target_ms: float, cap: int, headroom: float = 0.8, alpha: float = 0.2) -> None:
@@ -232,10 +234,9 @@ class LatencyTarget:
         wait = 0.0
         fixed = t(1) - (t(2) - t(1))  # a batch's cost whatever its size: what waiting for one more item saves
         if rate * fixed >= EXPECTED_ITEMS and rate * t(self.cap) <= LIGHT_LOAD * self.cap:
-            # Light load, and another item is likely within a batch's fixed cost: wait for the batch that arrives
-            # within the budget, as long as the item that waits longest still has two batch times left.
-            expected = min(self.cap, max(1, round(rate * budget)))
-            wait = max(0.0, min(budget / 2, budget - 2 * t(expected)))
+            # Light load, and another item is likely within a batch's fixed cost: wait for it up to that cost (what
+            # running a batch without it would cost again: the ski-rental rule), within what the budget leaves.
+            wait = max(0.0, min(fixed, budget - 2 * t(1)))
         limit = self._largest(lambda n: wait + 2 * t(n) <= budget)  # the largest batch the target allows
         if rate > 0 and rate * t(limit) > UTILISATION * limit:
             # Batches that small cannot keep up with the load: the queue, and the latency with it, would grow
