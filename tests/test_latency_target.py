@@ -1,6 +1,6 @@
 """Batching to a latency target, in a real worker: it measures its model while it runs and chooses its batch limit
-and wait from that, says so in its log and metrics, and drains a backlog with full batches. (How well it keeps a
-p99 is measured by bench/bench_latency_target.py, not asserted here.)"""
+and wait from that, says so in its log and metrics, and keeps to its limit through a backlog that full batches
+would not drain sooner. (How well it keeps a p99 is measured by bench/bench_latency_target.py, not asserted here.)"""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ async def test_a_worker_chooses_its_batches_from_its_latency_target(worker_setti
                                                                     client_settings: ClientSettings,
                                                                     processes: Processes) -> None:
     """bench.standins:affine costs 5 ms + 0.5 ms per item. With a 60 ms target (a 48 ms budget: the batch ahead
-    and its own, 2 t(n) <= 48) the limit is 38 items; a backlog of 600 is drained in batches of up to 64 (the
-    cap); at light load batches do not wait."""
+    and its own, 2 t(n) <= 48) the limit is 38 items. A backlog of 600 is drained in batches of up to 38, not 64
+    (the cap): a full batch would cost only 9% less per item (0.58 against 0.63 ms), so it would drain the
+    backlog no sooner while holding every item that arrives meanwhile 13 ms longer (the unit tests check that a
+    backlog does take full batches where they cost notably less). At light load batches do not wait."""
     ws = worker_settings
     await kafka.ensure_topics(ws, [kafka.TopicSpec(ws.request_topic, 2), kafka.TopicSpec(ws.results_topic, 1),
                                    kafka.TopicSpec(ws.dead_letter_topic, 1)])
@@ -42,7 +44,8 @@ async def test_a_worker_chooses_its_batches_from_its_latency_target(worker_setti
     async with StreamerClient(client_settings) as client:
         burst = [r async for r in client.stream(inputs, model="affine")]  # all at once: a backlog
         assert all(r.status == "ok" for r in burst)
-        assert max(r.timings.batch_size for r in burst if r.timings) > 38  # the backlog went in full batches
+        largest = max(r.timings.batch_size for r in burst if r.timings)
+        assert 20 <= largest <= 40, largest  # as large as the target allows, not the cap
 
         steady = []
         for x in inputs[:40]:  # light load: 20/s
