@@ -118,16 +118,18 @@ class BatchRunner:
     def warm_up(self, batch_size: int = 2) -> None:
         """Run the model twice on example inputs; the second run's time decides where batches run at first.
 
-        On an accelerator, also on two full batches of ``batch_size``: CUDA loads a kernel when it is first used,
-        and a full batch uses others than a small one (a GPU worker's first full batches took 0.2-1.2 s each).
+        On an accelerator, also twice on a full batch of ``batch_size``: CUDA loads a kernel when it is first
+        used, and a full batch uses others than a small one (a GPU worker's first full batches took 0.2-1.2 s
+        each).
         """
         with contextlib.suppress(NotImplementedError):
             inputs = [self.model.validate(x) for x in self.model.example_inputs(2)]
             self.model.run(inputs)
             self._measured(self._timed(inputs)[1] * 1000, len(inputs))
             if batch_size > 2 and getattr(getattr(self.model, "device", None), "type", "cpu") != "cpu":
-                for seed in (1, 2):
-                    self.model.run([self.model.validate(x) for x in self.model.example_inputs(batch_size, seed)])
+                full = [self.model.validate(x) for x in self.model.example_inputs(batch_size)]
+                for _ in range(2):
+                    self.model.run(full)
 
     def measure_capacity(self, batch_size: int, repeats: int = 3) -> float | None:
         """Items/s of the model at ``batch_size`` on its example inputs (best of ``repeats``); None if it has none."""
