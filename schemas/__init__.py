@@ -1,7 +1,7 @@
 """The wire contract of streamer: message models and the msgpack codec. See ``WIRE.md``."""
 
 from ._codec import DTYPES, TENSOR_EXT_CODE, Codec, Limits
-from ._errors import DecodeError, LimitExceeded, SchemaError, WireError
+from ._errors import DecodeError, LimitExceeded, SchemaError, StreamerError, WireError
 from ._fast import (
     FAST_LIMITS,
     FastReader,
@@ -74,6 +74,7 @@ __all__ = [
     "StageMessage",
     "StageTiming",
     "Status",
+    "StreamerError",
     "Timings",
     "WireError",
     "WireReply",

@@ -1,12 +1,22 @@
-"""Errors raised while reading or writing wire messages."""
+"""The root of streamer's errors, and the errors raised while reading or writing wire messages.
+
+The root lives here, in the bottom layer, so that every error streamer raises on purpose, wire errors included,
+is one family (``streamer.errors`` builds the rest on it).
+"""
 
 from __future__ import annotations
 
-__all__ = ["DecodeError", "LimitExceeded", "SchemaError", "WireError"]
+__all__ = ["DecodeError", "LimitExceeded", "SchemaError", "StreamerError", "WireError"]
 
 
-class WireError(ValueError):
-    """A message could not be decoded or validated. ``code`` is the wire error code."""
+class StreamerError(Exception):
+    """Base of every error streamer raises on purpose. ``streamer.errors.FatalError`` and its subclasses: this
+    process cannot go on; every other one: one request or one call failed, and the process goes on."""
+
+
+class WireError(StreamerError, ValueError):
+    """A message could not be decoded or validated (one record: recoverable). ``code`` is the wire error code.
+    Also a ``ValueError``, as invalid data is."""
 
     code = "decode_error"
 

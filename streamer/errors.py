@@ -1,12 +1,14 @@
-"""One family of errors for the whole system.
+"""One family of errors for the whole system, rooted at :class:`schemas.StreamerError` (wire errors are in it).
 
-Recoverable errors (one request failed) are kept apart from fatal ones (this
+Recoverable errors (one request failed) are kept apart from fatal ones (:class:`FatalError`: this
 process cannot go on). Third-party errors are translated at the boundary.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from schemas import StreamerError
 
 if TYPE_CHECKING:
     from schemas import InferenceResult
@@ -19,17 +21,10 @@ __all__ = [
     "FatalError",
     "InferenceError",
     "InferenceTimeout",
-    "ModelError",
     "ModelNotFound",
     "StreamerError",
     "TlsFailed",
 ]
-
-
-class StreamerError(Exception):
-    """Base of every error streamer raises on purpose."""
-
-    retriable = False
 
 
 class FatalError(StreamerError):
@@ -62,16 +57,8 @@ class BadInput(StreamerError):
     code = "bad_input"
 
 
-class ModelError(StreamerError):
-    """The model raised while running a batch. Recoverable: other batches go on."""
-
-    code = "model_error"
-
-
 class InferenceTimeout(StreamerError, TimeoutError):
     """No result arrived for a request within its timeout."""
-
-    retriable = True
 
     def __init__(self, request_id: str, timeout_s: float) -> None:
         super().__init__(f"no result for request {request_id} within {timeout_s:g} s")
