@@ -1,11 +1,21 @@
-"""The worker side: consume requests, batch them, run the model, publish results."""
+"""The worker side: consume requests, batch them, run the model, publish results.
+
+Offline replay (``Engine``, ``ReplayJob``, ``ReplaySummary``) is imported on first use, so a worker does not load
+replay's range reader and sinks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ._batch import Route
 from ._commit import Committer, ConsumerCommitter
 from ._inference import RunStats
-from .replay import Engine, ReplayJob, ReplaySummary
 from .stage import stage_settings, stage_worker
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .replay import Engine, ReplayJob, ReplaySummary
 
 __all__ = [
     "Committer",
@@ -19,3 +29,13 @@ __all__ = [
     "stage_settings",
     "stage_worker",
 ]
+
+_REPLAY = {"Engine", "ReplayJob", "ReplaySummary"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPLAY:
+        from . import replay
+
+        return getattr(replay, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
