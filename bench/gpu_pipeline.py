@@ -276,7 +276,10 @@ async def main() -> None:
         publish_rate = await publish(settings, spec.input_topic("tokenize"), results, inputs)
         print(f"published {args.requests} requests at {publish_rate:,.0f}/s", flush=True)
         env = {"STREAMER_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "STREAMER_MAX_BUFFERED": str(4 * args.batch),
-               "STREAMER_STATS_INTERVAL_S": "2", "STREAMER_REPLY_TOPICS": json.dumps([results])}
+               "STREAMER_STATS_INTERVAL_S": "2", "STREAMER_REPLY_TOPICS": json.dumps([results]),
+               # One torch thread per process: the device does the maths (tokenizing is not torch's), and a dozen
+               # processes' OpenMP pools would fight over the host's cores.
+               "STREAMER_TORCH_THREADS": "1"}
         level = "INFO" if args.logs else "WARNING"
         collector = Collector(settings, results, args.requests)
         collecting = asyncio.create_task(collector.run(args.timeout_s))
@@ -291,14 +294,11 @@ async def main() -> None:
         # The encoders first, all in their group before any work reaches them; then the tokenizers. The rate is
         # taken from the moment both groups are stable with every process in them, so joins and rebalances
         # (a dozen processes importing torch) are not in it.
-        # One torch thread each: the device does the maths, and a dozen processes' OpenMP pools would fight over
-        # the host's cores.
-        procs += [await spawn(["--log-level", level, "stage", str(path), "--stage", "encode"],
-                              {**env, "STREAMER_TORCH_THREADS": "1"}, work / f"encode-{i}.log")
-                  for i in range(args.encoders)]
+        procs += [await spawn(["--log-level", level, "stage", str(path), "--stage", "encode"], env,
+                              work / f"encode-{i}.log") for i in range(args.encoders)]
         await kafka.wait_for_group(settings, spec.group_id("encode"), args.encoders, timeout_s=180, check=alive)
         tokenize = ["--log-level", level, "stage", str(path), "--stage", "tokenize"]
-        tok_env = {**env, "STREAMER_TORCH_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        tok_env = {**env, "TOKENIZERS_PARALLELISM": "false"}
         procs += [await spawn(tokenize, tok_env, work / f"tokenize-{i}.log") for i in range(args.tokenizers)]
         await kafka.wait_for_group(settings, spec.group_id("tokenize"), args.tokenizers, timeout_s=180,
                                    check=alive)
