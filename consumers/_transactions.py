@@ -6,12 +6,21 @@ way: one transactional producer per input partition, with ``transactional.id`` =
 id; the broker then bumps the epoch, aborts the old owner's open transaction and refuses its
 later commits (``ProducerFenced``).
 
+Starting that producer is also what makes the group's committed offset of the partition
+trustworthy: the broker answers it only once the previous owner's last transaction is complete
+(committed, or aborted by the fence), and that transaction may hold the partition's newest
+offset. aiokafka reads the committed offsets as soon as partitions are assigned, so a partition
+taken over (``take``) stays paused until its producer has started, then its committed offset is
+read again and the consumer seeks there (Kafka Streams before KIP-447 did the same). Read before
+the fence, a commit landing in between would be processed twice.
+
 A transaction spans a window of batches (like Kafka Streams' ``commit.interval.ms``): it stays
 open while the next batch is already at hand, for at most ``transaction_ms``, and is committed at
 once when the worker has nothing more to do, so light load keeps its latency and saturation does
-not pay a commit per batch. After an error whose outcome is unknown (a commit timeout), the
-producer is discarded: its replacement's start aborts the transaction, and the worker goes back
-to the window's first offset instead of guessing.
+not pay a commit per batch. After an error whose outcome is unknown (a commit whose answer was
+lost), nothing is guessed: the producer is discarded and the partition taken over again, so the
+replacement's start settles the transaction (aborted if it was open, kept if it was committed)
+and the committed offset says where to go on.
 """
 
 from __future__ import annotations
@@ -22,12 +31,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.producer import sender as _sender
 
 from streamer import kafka
 from streamer.config import WorkerSettings
+from streamer.errors import AuthenticationFailed, BrokerError, TlsFailed
 
 from ._batch import Batch
 from ._outbox import Delivery, Outbox
@@ -95,8 +105,7 @@ class TransactionalProducers:
 @dataclass(slots=True)
 class _Window:
     producer: AIOKafkaProducer
-    first: int  # the first offset the transaction covers: where a redo starts
-    last: int
+    last: int  # the last offset the transaction covers
     opened: float  # time.monotonic()
     sent: list[Delivery] = field(default_factory=list)
     broken: bool = False  # a publish into it was interrupted: it may hold records past ``last``; never commit it
@@ -105,21 +114,73 @@ class _Window:
 class TransactionWindows:
     """The open transaction of each input partition, from its first batch to its commit.
 
-    ``redo(tp, offset)`` is the worker's: forget what it holds of ``tp`` and read it again from
-    ``offset`` (None: the partition was fenced, a newer owner has it).
+    ``void(tp)`` is the worker's: forget what it holds of ``tp`` (a transaction failed, or the partition was
+    fenced); what is read of it next comes through ``take``.
     """
 
-    def __init__(self, settings: WorkerSettings, worker: str, outbox: Outbox,
-                 redo: Callable[[TopicPartition, int | None], None]) -> None:
+    def __init__(self, settings: WorkerSettings, worker: str, outbox: Outbox, consumer: AIOKafkaConsumer,
+                 void: Callable[[TopicPartition], None]) -> None:
         self.settings = settings
         self.producers = TransactionalProducers(settings, worker)
         self.outbox = outbox
-        self.redo = redo
+        self.consumer = consumer
+        self.void = void
         self.fenced: set[TopicPartition] = set()  # partitions a newer owner took from us
+        self.taking: dict[TopicPartition, asyncio.Task[None]] = {}  # paused until fenced and positioned
+        self.error: BaseException | None = None  # a takeover that cannot succeed: the worker stops with it
         self._open: dict[TopicPartition, _Window] = {}
         self._span_s = settings.transaction_ms / 1000
         self.committed = 0  # transactions committed
         self._lock = asyncio.Lock()
+
+    # -- taking partitions over ---------------------------------------------------------------------------
+    def take(self, tps: Iterable[TopicPartition]) -> None:
+        """Read ``tps`` only once their producers started (fencing the previous owners, completing their last
+        transactions) and from the offsets committed by then. Producers start side by side."""
+        for tp in tps:
+            self.fenced.discard(tp)
+            if tp in self.taking:
+                continue
+            self.consumer.pause(tp)
+            self.taking[tp] = asyncio.create_task(self._take(tp), name=f"streamer-take-{tp.topic}-{tp.partition}")
+
+    async def _take(self, tp: TopicPartition) -> None:
+        backoff = 0.1
+        try:
+            while True:
+                try:
+                    await self.producers.get(tp)  # returns once the previous owner's transaction is complete
+                    committed = await self.consumer.committed(tp)
+                    break
+                except (KafkaError, BrokerError) as exc:
+                    # A cluster that does not answer now (a broker restarting) is waited for, as the consumer
+                    # does; refused credentials or certificates and non-retriable refusals stop the worker.
+                    waiting = isinstance(exc, KafkaTimeoutError) or getattr(exc, "retriable", True)
+                    if isinstance(exc, AuthenticationFailed | TlsFailed) or not waiting:
+                        raise
+                    log.warning("%s: starting its transactional producer failed (%s); retrying in %.1f s",
+                                tp, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, 2.0)
+            if tp not in self.consumer.assignment():
+                return
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)  # as a worker's consumer resets (streamer.kafka)
+            else:
+                self.consumer.seek(tp, committed)
+            self.consumer.resume(tp)
+        except Exception as exc:  # noqa: BLE001 - handed to the worker's fetch loop, which stops with it
+            log.error("%s: cannot take the partition over: %r", tp, exc)  # noqa: TRY400 - raised again there
+            self.error = exc
+        finally:
+            if self.taking.get(tp) is asyncio.current_task():
+                del self.taking[tp]
+
+    async def _stop_taking(self, tps: Iterable[TopicPartition]) -> None:
+        tasks = [task for tp in tps if (task := self.taking.pop(tp, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def publish(self, batch: Batch, current_epoch: Callable[[TopicPartition], int]) -> None:
         """Send each partition's outputs in its open transaction (opened here if none is)."""
@@ -128,15 +189,15 @@ class TransactionWindows:
             by_tp.setdefault(batch.tp(i), []).append(i)
         epochs = {run.tp: run.epoch for run in batch.runs}
         for tp, idx in by_tp.items():
-            if epochs[tp] != current_epoch(tp) or tp in self.fenced:
-                continue  # revoked, fenced or redone since it was fetched: whoever reads it next does it
-            first, last = batch.records[idx[0]].offset, batch.records[idx[-1]].offset
+            if epochs[tp] != current_epoch(tp) or tp in self.fenced or tp in self.taking:
+                continue  # revoked, fenced or voided since it was fetched: whoever reads it next does it
+            last = batch.records[idx[-1]].offset
             w = self._open.get(tp)
             try:
                 if w is None:
                     producer = await self.producers.get(tp)
                     await producer.begin_transaction()
-                    w = self._open[tp] = _Window(producer, first, last, time.monotonic())
+                    w = self._open[tp] = _Window(producer, last, time.monotonic())
                 try:
                     w.sent += await self.outbox.publish(batch, w.producer, idx)
                 except BaseException:
@@ -144,19 +205,7 @@ class TransactionWindows:
                     raise
                 w.last = last
             except KafkaError as exc:
-                await self._failed(tp, w.first if w is not None else first, exc)
-
-    async def prepare(self, tps: Iterable[TopicPartition]) -> None:
-        """Start the producers of newly assigned partitions side by side, before their first batch: each start is
-        a round trip to the transaction coordinator (and fences the partition's previous owner), which would
-        otherwise be paid one partition after another on the first batch. A start that fails here is retried
-        when the partition's first batch is published."""
-        todo = [tp for tp in tps if tp not in self.fenced]
-        answers = await asyncio.gather(*(self.producers.get(tp) for tp in todo), return_exceptions=True)
-        for tp, answer in zip(todo, answers, strict=True):
-            if isinstance(answer, Exception):
-                log.warning("%s: starting its transactional producer failed (%r); retrying with its first batch",
-                            tp, answer)
+                await self._failed(tp, exc)
 
     def left_s(self) -> float | None:
         """Seconds until the oldest open transaction is due for its commit (None: none is open)."""
@@ -180,7 +229,7 @@ class TransactionWindows:
 
     async def _commit_one(self, tp: TopicPartition, w: _Window) -> None:
         if w.broken:
-            await self._failed(tp, w.first, KafkaError("a publish into the transaction was interrupted"))
+            await self._failed(tp, KafkaError("a publish into the transaction was interrupted"))
             return
         try:
             await self._delivered(w.sent, w.producer)
@@ -188,7 +237,7 @@ class TransactionWindows:
             await w.producer.commit_transaction()
             self.committed += 1
         except KafkaError as exc:
-            await self._failed(tp, w.first, exc)
+            await self._failed(tp, exc)
 
     async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
@@ -200,28 +249,31 @@ class TransactionWindows:
                 await self.outbox.learn(delivery, answer, producer)
                 raise answer
 
-    async def _failed(self, tp: TopicPartition, first: int, exc: KafkaError) -> None:
+    async def _failed(self, tp: TopicPartition, exc: KafkaError) -> None:
         self._open.pop(tp, None)
-        await self.producers.discard(tp)  # its replacement's start aborts the open transaction
+        await self.producers.discard(tp)
+        self.void(tp)
         if isinstance(exc, ProducerFenced):
             # A newer owner of the partition started its producer: we are a zombie for this one. Never start a
             # producer for it again until the group assigns it to us anew: that would fence the rightful owner.
             log.warning("%s: fenced by a newer owner; dropping its queued records", tp)
             self.fenced.add(tp)
-            self.redo(tp, None)
         else:
-            # Unknown outcome: never guess. Redo the whole window from its start.
-            log.warning("%s: transaction failed (%r); aborting it and redoing from offset %d", tp, exc, first)
-            self.redo(tp, first)
+            # Unknown outcome: never guess. Take the partition over again: the new producer's start aborts the
+            # transaction if it is still open, and the committed offset then says where to go on.
+            log.warning("%s: transaction failed (%r); settling it and going on from the committed offset", tp, exc)
+            self.take([tp])
 
     async def release(self, tps: Iterable[TopicPartition]) -> None:
         """Partitions taken from us: commit what is open for them, then close their producers."""
         tps = list(tps)
+        await self._stop_taking(tps)
         async with self._lock:
             await self._commit([tp for tp in tps if tp in self._open])
             for tp in tps:
                 await self.producers.discard(tp)
 
     async def close(self) -> None:
+        await self._stop_taking(list(self.taking))
         await self.commit()
         await self.producers.close()

@@ -59,8 +59,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker._on_assigned(set(assigned))
-        if self._worker._txn is not None:
-            await self._worker._txn.prepare(assigned)
 
 
 def load_served_model(settings: WorkerSettings) -> Model:
@@ -172,7 +170,7 @@ class Worker:
                                         request_timeout_ms=settings.produce_timeout_ms)
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp],
                                        lambda d, exc: self.outbox.settle(d, exc, self._producer))
-        self._txn = (TransactionWindows(settings, self.name, self.outbox, self._redo)
+        self._txn = (TransactionWindows(settings, self.name, self.outbox, self._consumer, self._void)
                      if settings.delivery == "exactly-once" else None)
 
     def _scaling_capacity(self) -> float:
@@ -389,9 +387,9 @@ class Worker:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._revoking = set()
-        if self._txn is not None:
-            self._txn.fenced -= assigned
         self._paused = False
+        if self._txn is not None:
+            self._txn.take(assigned)  # paused until each is fenced and positioned
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
     async def _drain(self) -> None:
@@ -411,8 +409,10 @@ class Worker:
                 await self._wait_for_room()
                 continue
             if self._paused:
-                consumer.resume(*consumer.paused())
+                consumer.resume(*(consumer.paused() - (self._txn.taking.keys() if self._txn is not None else set())))
                 self._paused = False
+            if self._txn is not None and self._txn.error is not None:
+                raise self._txn.error
             try:
                 batches = await consumer.getmany(timeout_ms=100, max_records=room)
             except (KafkaError, UnicodeDecodeError, ValueError, AssertionError) as exc:
@@ -431,7 +431,8 @@ class Worker:
                 self.target.arrived(sum(len(records) for records in batches.values()), now)
             owned = consumer.assignment()
             for tp, records in batches.items():
-                if tp not in owned or tp in self._revoking or (self._txn is not None and tp in self._txn.fenced):
+                if tp not in owned or tp in self._revoking or (
+                        self._txn is not None and (tp in self._txn.fenced or tp in self._txn.taking)):
                     continue
                 self.telemetry.fetched(len(records))
                 self._queue.put((tp, self._epochs[tp], now), records)
@@ -576,13 +577,11 @@ class Worker:
             self.stats.busy_ms_total += (now - self._busy_since) * 1000
             self._busy_since = now if self._finished < self._taken else None
 
-    def _redo(self, tp: TopicPartition, offset: int | None) -> None:
+    def _void(self, tp: TopicPartition) -> None:
         """Exactly-once: what this worker holds of ``tp`` is void (a transaction failed, or the partition was
-        fenced); read it again from ``offset`` (None: not at all, a newer owner has it)."""
-        self._epochs[tp] += 1  # batches fetched before are skipped
+        fenced); batches fetched before are skipped, and what is read of it next comes after a takeover."""
+        self._epochs[tp] += 1
         self._queue.drop(lambda key: key[0] != tp)
-        if offset is not None and tp in self._consumer.assignment():
-            self._consumer.seek(tp, offset)
 
 
 _NOTHING: Any = object()  # no next batch at hand

@@ -15,7 +15,7 @@ from typing import Any
 from aiokafka import ConsumerRecord
 
 from producers import StreamerClient
-from schemas import InferenceResult
+from schemas import Codec, InferenceResult
 from streamer import kafka
 from streamer.config import KafkaSettings
 
@@ -130,6 +130,38 @@ def figures(load: Load, results: list[InferenceResult | BaseException], raw: lis
         order_violations=violations,
         recover_s=max(waits, default=0.0),
     )
+
+
+async def explain_duplicates(fig: Figures, settings: KafkaSettings, request_topic: str,
+                             raw: list[ConsumerRecord]) -> None:
+    """Where duplicate results came from, in ``fig.extra`` so a failing check says it: for a few duplicated
+    request ids, the request records that carry the id (two of them: the client's write was duplicated) and each
+    result's partition, offset, worker and batch (one request record: the worker answered it twice)."""
+    if not fig.duplicates_raw:
+        return
+    by_id: dict[str, list[ConsumerRecord]] = defaultdict(list)
+    for r in raw:
+        by_id[dict(r.headers).get("streamer-request-id", b"").decode()].append(r)
+    dup = {i: rs for i, rs in by_id.items() if len(rs) > 1}
+    requests = await drain(settings, request_topic)
+    sources: dict[str, list[str]] = defaultdict(list)
+    for r in requests:
+        rid = dict(r.headers).get("streamer-request-id", b"").decode()
+        if rid in dup:
+            sources[rid].append(f"{r.partition}@{r.offset}")
+    twice = sum(1 for i in dup if len(sources[i]) > 1)
+    lines = []
+    for rid, rs in list(dup.items())[:5]:
+        answers = []
+        for r in rs:
+            res = InferenceResult.model_validate(Codec().unpack(r.value))
+            t = res.timings
+            answers.append(f"{r.partition}@{r.offset} by {res.worker} at {res.created_ms}"
+                           + (f" batch {t.batch_size}" if t else ""))
+        lines.append(f"{rid}: requests {sources[rid]}, results {answers}")
+    fig.extra["duplicated ids"] = len(dup)
+    fig.extra["with two request records"] = twice
+    fig.extra["examples"] = "; ".join(lines)
 
 
 MODES = ["at-least-once", "exactly-once"]

@@ -16,7 +16,7 @@ from streamer.broker import LocalKafka, LocalKafkaCluster, start_on_free_ports
 from streamer.models import load_model
 
 from ..helpers import Processes
-from .load import MODES, Load, check, drain, figures, isolation, report, scaled
+from .load import MODES, Load, check, drain, explain_duplicates, figures, isolation, report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -69,6 +69,7 @@ async def test_killing_the_request_partition_leader_loses_no_acknowledged_reques
         raw = await drain(cs, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, [killed_at])
     fig.extra["killed node"] = leader
+    await explain_duplicates(fig, cs, ws.request_topic, raw)
     report(fig.line(f"kill -9 the request-partition leader of 3 (RF 3, min ISR 2) [{mode}]"), fig, mode=mode)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
@@ -99,6 +100,7 @@ async def test_single_broker_restart_with_its_data(mode: str, tmp_path: Path, pr
             results = await load.results()
             raw = await drain(cs, client.reply_to.topic, isolation_level=isolation(mode))
         fig = figures(load, results, raw, [down_at])
+        await explain_duplicates(fig, cs, ws.request_topic, raw)
         report(fig.line(f"restart of a single broker with its data [{mode}]"), fig, mode=mode)
         failed = [r for r in results if isinstance(r, BaseException)]
         assert not failed, f"{len(failed)} requests failed: {failed[:3]}"

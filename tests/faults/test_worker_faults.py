@@ -14,7 +14,7 @@ from streamer import ClientSettings, WorkerSettings
 from streamer.models import load_model
 
 from ..helpers import Processes
-from .load import MODES, Load, check, drain, figures, isolation, report, scaled
+from .load import MODES, Load, check, drain, explain_duplicates, figures, isolation, report, scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -46,6 +46,7 @@ async def test_sigkill_one_of_three_workers_five_times(
         results = await load.results()
         raw = await drain(client_settings, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, kills)
+    await explain_duplicates(fig, client_settings, created_topics.request_topic, raw)
     report(fig.line(f"SIGKILL 1 of 3 workers x5 [{mode}]"), fig, mode=mode)
     check(fig, mode)
     assert all(not isinstance(r, BaseException) and r.status == "ok" for r in results)
@@ -75,6 +76,7 @@ async def test_scale_one_three_one_during_load(
         results = await load.results()
         raw = await drain(client_settings, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, events)
+    await explain_duplicates(fig, client_settings, created_topics.request_topic, raw)
     report(fig.line(f"scale 1 -> 3 -> 1 workers [{mode}]"), fig, mode=mode)
     check(fig, mode)
     assert first.proc.poll() is None
@@ -103,6 +105,7 @@ async def test_sigstop_past_the_session_timeout_then_sigcont(
         results = await load.results()
         raw = await drain(client_settings, client.reply_to.topic, isolation_level=isolation(mode))
     fig = figures(load, results, raw, [stopped_at])
+    await explain_duplicates(fig, client_settings, created_topics.request_topic, raw)
     report(fig.line(f"SIGSTOP a worker past the session timeout, then SIGCONT [{mode}]"), fig, mode=mode)
     check(fig, mode)
     assert frozen.proc.poll() is None, "the resumed worker must rejoin, not die"
