@@ -1,18 +1,17 @@
 """The worker: one consumer-group member that batches requests, runs the model and replies.
 
-The public class starts, stops and validates; three background tasks do the work:
-fetch (consumer -> batch queue, pausing partitions when the queue is full), process
-(batch queue -> model thread -> producer, in order) and commit (acknowledged results ->
-committed offsets, in order).
+The public class starts, stops, follows the group's rebalances and reloads weights; three
+background tasks do the work: fetch (here: consumer -> batch queue, pausing partitions when the
+queue is full), process (``_pipeline``: batch queue -> model -> producer, in order) and commit
+(``_commit``: acknowledged results -> committed offsets, in order; exactly-once commits
+transactions instead, ``_transactions``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
-import inspect
 import logging
 import os
 import signal
@@ -31,23 +30,23 @@ from streamer import kafka
 from streamer.assignors import MemberCard, assignors
 from streamer.batching import BatchPolicy, BatchQueue, LatencyTarget
 from streamer.config import WorkerSettings
-from streamer.errors import ConfigError
 from streamer.logs import quiet
 from streamer.metrics import WorkerMetrics
-from streamer.models import Model, find_factory, load_model
+from streamer.models import Model
 from streamer.tracing import WorkerTracing, tracing
 
-from ._batch import Batch, Route, Run
+from ._batch import Route
 from ._commit import ConsumerCommitter, OrderedCommits
 from ._inference import BatchRunner, RunStats
 from ._outbox import Outbox
+from ._pipeline import Key, Pipeline
+from ._served import Reloader, load_served_model
 from ._telemetry import Telemetry
 from ._transactions import TransactionWindows
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("streamer.worker")
-
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -59,41 +58,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker._on_assigned(set(assigned))
-
-
-def load_served_model(settings: WorkerSettings) -> Model:
-    """The model a worker serves: ``settings.model`` with its ``weights`` file, if any, named
-    ``settings.model_version`` if given."""
-    options: dict[str, Any] = {}
-    if settings.weights:
-        factory = find_factory(settings.model)
-        params = inspect.signature(factory).parameters
-        if "weights" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ConfigError(f"model {settings.model!r} takes no weights file: leave out weights (--weights or "
-                              "STREAMER_WEIGHTS)")
-        if not Path(settings.weights).is_file():
-            raise ConfigError(f"weights file {settings.weights!r} does not exist (--weights or STREAMER_WEIGHTS)")
-        options["weights"] = Path(settings.weights)
-    model = load_model(settings.model, settings.device, **options)
-    if settings.model_version:
-        model.version = settings.model_version
-    return model
-
-
-def _loaded_and_tried(settings: WorkerSettings) -> Model:
-    """Load the model and run it on its example inputs: reloaded weights that cannot serve are refused here."""
-    model = load_served_model(settings)
-    with contextlib.suppress(NotImplementedError):
-        model.run([model.validate(x) for x in model.example_inputs(2)])
-    return model
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 class Worker:
@@ -129,26 +93,16 @@ class Worker:
         self.outbox = Outbox(settings, self.runner, self.route, self.metrics, self.name, self.stats)
         self._watcher: asyncio.Task[None] | None = None
         self._reloader: asyncio.Task[None] | None = None
-        self._reload_now = asyncio.Event()  # SIGHUP
+        self.weights = Reloader(settings, self.runner, self._served)
         # Runs of records keyed (partition, assignment epoch, fetch time).
-        self._queue: BatchQueue[tuple[TopicPartition, int, float], Any] = BatchQueue(self.policy)
+        self._queue: BatchQueue[Key, Any] = BatchQueue(self.policy)
         # Batching to a latency target: the batch limit and wait, chosen before each batch (streamer.batching).
         self.target = (LatencyTarget(settings.latency_target_ms, settings.max_batch_size)
                        if settings.latency_target_ms else None)
-        self._target_said = (0, -1.0, 0.0)  # the choice last logged, and when
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
         self._paused = False
         self._stopping = asyncio.Event()
-        # Batches taken from the queue, and finished (published, or left when stopping): in order, as the
-        # pipeline is. A revoke waits for every batch taken before it to finish.
-        self._taken = self._finished = 0
-        self._progress = asyncio.Event()
-        self._busy_since: float | None = None
-        # Batches whose records wait to be handed to the producer together (see _flush).
-        self._held: list[Batch] = []
-        self._held_records = 0
-        self._hold_records = 16 * settings.max_batch_size
         self._tasks: list[asyncio.Task[None]] = []
         self.rebalances = 0
         self._measured: float | None = None  # items/s of model time (for the assignor)
@@ -172,6 +126,9 @@ class Worker:
                                        lambda d, exc: self.outbox.settle(d, exc, self._producer))
         self._txn = (TransactionWindows(settings, self.name, self.outbox, self._consumer, self._void)
                      if settings.delivery == "exactly-once" else None)
+        self.pipeline = Pipeline(self._queue, self.runner, self.outbox, self._producer, self._commits, self._txn,
+                                 self.telemetry, self.stats, self.metrics, self.target, self._epochs.__getitem__,
+                                 self._stopping, hold_records=16 * settings.max_batch_size)
 
     def _scaling_capacity(self) -> float:
         """Items/s this worker sustains when busy: measured wall time, else the model-time figure."""
@@ -225,11 +182,11 @@ class Worker:
         self._commits.start()
         self._tasks = [
             asyncio.create_task(self._fetch_loop(), name="streamer-fetch"),
-            asyncio.create_task(self._process_loop(), name="streamer-process"),
+            asyncio.create_task(self.pipeline.run(), name="streamer-process"),
         ]
         self._reporter = asyncio.create_task(self._report_loop(), name="streamer-report")
         if self.settings.weights:
-            self._reloader = asyncio.create_task(self._reload_loop(Path(self.settings.weights)),
+            self._reloader = asyncio.create_task(self.weights.run(Path(self.settings.weights)),
                                                  name="streamer-reload")
         if self.settings.metrics_port is not None:
             self._watcher = asyncio.create_task(self.telemetry.run(self._consumer, self._scaling_capacity),
@@ -299,35 +256,10 @@ class Worker:
         if not self.settings.weights:
             log.warning("SIGHUP: no weights file to reload (--weights or STREAMER_WEIGHTS); serving on")
             return
-        self._reload_now.set()
+        self.weights.request()
 
-    async def _reload_loop(self, path: Path) -> None:
-        """Reload the weights on :meth:`reload` or when the file changes (checked every ``reload_poll_s``)."""
-        seen = _file_stamp(path)
-        poll = self.settings.reload_poll_s or None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload_now.wait(), poll)
-            asked = self._reload_now.is_set()
-            self._reload_now.clear()
-            stamp = _file_stamp(path)
-            if asked or stamp != seen:
-                seen = stamp
-                await self._reload_weights(path, "SIGHUP" if asked else "the file changed")
-
-    async def _reload_weights(self, path: Path, why: str) -> None:
-        serving = self.runner.model.version
-        settings = self.settings.model_copy(update={"model_version": None})  # the new weights name their version
-        try:
-            model = await asyncio.get_running_loop().run_in_executor(None, _loaded_and_tried, settings)
-        except Exception as exc:  # noqa: BLE001 - whatever a bad file does, the served weights stay
-            log.warning("reloading weights from %s (%s) failed; still serving version %s: %s: %s", path, why,
-                        serving, type(exc).__name__, exc)
-            return
-        self.runner.replace(model)
+    def _served(self, model: Model) -> None:
         self.model = model
-        log.info("weights reloaded from %s (%s): version %s -> %s from the next batch on", path, why, serving,
-                 model.version)
 
     def describe(self) -> str:
         return f"stage {self.route.stage} of {self.route.model}" if self.route.stage else self.model.name
@@ -375,7 +307,7 @@ class Worker:
         dropped = self._queue.drop(lambda key: key[0] not in revoked)
         # Finish and commit what is already running, while the partitions are still ours.
         try:
-            await asyncio.wait_for(self._drain(), self.settings.shutdown_timeout_s)
+            await asyncio.wait_for(self.pipeline.drain(), self.settings.shutdown_timeout_s)
         except TimeoutError:
             log.warning("revoke: in-flight work did not finish in time; it will not be committed here")
         for tp in revoked:
@@ -391,14 +323,6 @@ class Worker:
         if self._txn is not None:
             self._txn.take(assigned)  # paused until each is fenced and positioned
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
-
-    async def _drain(self) -> None:
-        """Wait until every batch taken so far is published, and its offsets committed."""
-        target = self._taken
-        while self._finished < target:
-            self._progress.clear()
-            await self._progress.wait()
-        await self._commits.drain()
 
     # -- background tasks ----------------------------------------------------------------------------------
     async def _fetch_loop(self) -> None:
@@ -454,129 +378,6 @@ class Worker:
                 self._paused = True
             await self._consumer.getmany(timeout_ms=0)  # paused: returns nothing, resets the poll timer
 
-    async def _process_loop(self) -> None:
-        """The model on batch N while batch N-1 is published and batch N+1 decoded (at most one decoded batch
-        waits). A batch is published as soon as its model ran when no next batch is at hand."""
-        ready: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
-        decoder = asyncio.create_task(self._decode_loop(ready), name="streamer-decode")
-        done: Batch | None = None  # its model ran; not published yet
-        running: asyncio.Future[None] | None = None
-        try:
-            while True:
-                nxt = await ready.get() if done is None else (ready.get_nowait() if not ready.empty() else _NOTHING)
-                if nxt is None or (nxt is not _NOTHING and self._stopping.is_set()):
-                    if isinstance(nxt, Batch):
-                        self._finish_batch(nxt)  # not started: its records go to whoever reads the partition next
-                    if done is not None:
-                        await self._publish(done, more=False)
-                    return
-                # The model starts on the next batch now (on its thread), before this one is published.
-                running = asyncio.ensure_future(self.runner.infer_soon(nxt)) if isinstance(nxt, Batch) else None
-                if done is not None:
-                    # While the model runs the next batch. The records of a cheap model's batches are handed to
-                    # the producer together while more are at hand (see _hold), so they share produce requests.
-                    more = running is not None and not nxt.on_thread
-                    await self._publish(done, more=more)
-                    done = None
-                if running is not None:
-                    await self._model_done(running)
-                    done = nxt
-                    if self.target is not None and nxt.stats.runnable:
-                        self.target.observed(nxt.stats.runnable, nxt.stats.inference_s * 1000)
-        finally:
-            for task in (decoder, running):
-                if task is not None and not task.done():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-            if self._txn is not None:
-                await self._txn.commit()
-
-    async def _model_done(self, running: asyncio.Future[None]) -> None:
-        """Wait for the model; exactly-once commits its open transactions meanwhile if they fall due (a slow
-        model must not hold results back past ``transaction_ms``)."""
-        if self._txn is not None:
-            left = self._txn.left_s()
-            if left is not None:
-                finished, _ = await asyncio.wait({running}, timeout=left)
-                if not finished:
-                    await self._txn.commit()
-        await running
-
-    def _choose(self, target: LatencyTarget) -> None:
-        """The batch limit and wait for the next batch; said in the log when it changes (at most every 5 s)."""
-        now = time.monotonic()
-        choice = target.choose(len(self._queue), now)
-        policy = choice.policy
-        self._queue.policy = policy
-        self.metrics.labels(self.metrics.batch_limit).set(policy.max_batch_size)
-        self.metrics.labels(self.metrics.batch_wait).set(policy.max_wait_ms / 1000)
-        limit, wait, at = self._target_said
-        if (policy.max_batch_size, policy.max_wait_ms) != (limit, wait) and now - at >= 5.0:
-            self._target_said = (policy.max_batch_size, policy.max_wait_ms, now)
-            log.info("latency target %g ms: batches of up to %d, wait %.1f ms (model about %.1f ms at %d; "
-                     "arriving %.0f/s)%s", target.target_ms, policy.max_batch_size, policy.max_wait_ms,
-                     choice.model_ms, policy.max_batch_size, target.rate(now),
-                     "" if choice.reachable else "; the target is out of reach even one item at a time")
-
-    async def _decode_loop(self, ready: asyncio.Queue[Batch | None]) -> None:
-        while True:
-            if self.target is not None:
-                self._choose(self.target)
-            runs = await self._queue.next_batch()
-            if self._stopping.is_set():
-                await ready.put(None)  # what is queued is left for redelivery
-                return
-            if not runs:
-                continue
-            self._taken += 1
-            if self._busy_since is None:
-                self._busy_since = time.perf_counter()
-            batch = Batch([Run(tp, epoch, arrived, records) for (tp, epoch, arrived), records in runs])
-            self.runner.check(batch)
-            await ready.put(batch)
-
-    async def _publish(self, batch: Batch, *, more: bool) -> None:
-        """Encode the batch's records and hold them; hand what is held to the producer (see :meth:`_flush`) once
-        no ``more`` work is at hand, or enough is held, or the first held batch has waited ``_HOLD_S``."""
-        self.runner.finish(batch)
-        held = self._held
-        held.append(batch)
-        self._held_records += len(batch)
-        if not more or self._held_records >= self._hold_records or time.monotonic() - held[0].started > _HOLD_S:
-            await self._flush(more=more)
-
-    async def _flush(self, *, more: bool) -> None:
-        """Hand the held batches' records to the producer, in order and without a pause between them, so the
-        producer's sender takes them in as few requests as it can. At-least-once: their offsets go to the
-        commit task. Exactly-once: into each partition's open transaction, committed when ``transaction_ms``
-        is up or at once when no ``more`` work is at hand."""
-        held, self._held, self._held_records = self._held, [], 0
-        for batch in held:
-            if self._txn is not None:
-                await self._txn.publish(batch, lambda tp: self._epochs[tp])
-            else:
-                self._commits.add(await self.outbox.publish(batch, self._producer), batch.offsets())
-        if self._txn is not None and (not more or self._txn.due()):
-            await self._txn.commit()
-        for batch in held:
-            self._account(batch)
-
-    def _account(self, batch: Batch) -> None:
-        stats = batch.count()
-        self.stats.add(stats)
-        self.telemetry.published(batch, stats)
-        self._finish_batch(batch)
-
-    def _finish_batch(self, batch: Batch) -> None:
-        if batch.spans is not None and self.runner.tracing is not None:
-            self.runner.tracing.finished(batch)
-        self._finished += 1
-        self._progress.set()
-        if self._busy_since is not None:  # busy: while any batch is in the pipeline
-            now = time.perf_counter()
-            self.stats.busy_ms_total += (now - self._busy_since) * 1000
-            self._busy_since = now if self._finished < self._taken else None
-
     def _void(self, tp: TopicPartition) -> None:
         """Exactly-once: what this worker holds of ``tp`` is void (a transaction failed, or the partition was
         fenced); batches fetched before are skipped, and what is read of it next comes after a takeover."""
@@ -584,8 +385,6 @@ class Worker:
         self._queue.drop(lambda key: key[0] != tp)
 
 
-_NOTHING: Any = object()  # no next batch at hand
 # The cyclic collector runs a young-generation pass every 700 allocations by default: a batch of records makes
 # thousands of short-lived objects (freed by reference counting, cycle-free), so pass less often.
 _GC_THRESHOLDS = (20_000, 20, 20)
-_HOLD_S = 0.005  # the longest a batch's records are held back for the next batches' (while more are at hand)

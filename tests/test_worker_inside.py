@@ -48,7 +48,7 @@ async def test_the_model_runs_the_next_batch_while_the_last_is_published(
     model = Slow()
     worker = Worker(created_topics.model_copy(update={"max_batch_size": 8, "max_wait_ms": 20.0}), model=model)
     published: list[tuple[float, float]] = []  # (start, end) of each batch's publishing
-    publish = worker._publish
+    publish = worker.pipeline._publish
 
     async def timed(batch: Batch, *, more: bool) -> None:
         start = time.monotonic()
@@ -56,7 +56,7 @@ async def test_the_model_runs_the_next_batch_while_the_last_is_published(
         await publish(batch, more=more)
         published.append((start, time.monotonic()))
 
-    worker._publish = timed  # type: ignore[method-assign]
+    worker.pipeline._publish = timed  # type: ignore[method-assign]
     await worker.start()
     model.started.clear()  # the warm-up's runs, on another thread
     model.threads.clear()
