@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from schemas import WireRequest, WireStage
+from schemas import ErrorCode, WireRequest, WireStage
 
 __all__ = ["FORWARDED", "Batch", "BatchStats", "DeadLetter", "Route", "Run"]
 
@@ -40,7 +40,7 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    code: str
+    code: ErrorCode
     message: str
 
 

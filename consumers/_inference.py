@@ -26,6 +26,7 @@ from schemas import (
     SCHEMA_VERSION,
     Codec,
     DecodeError,
+    ErrorCode,
     ErrorInfo,
     FastReader,
     InferenceResult,
@@ -310,7 +311,7 @@ class BatchRunner:
         batch.status[i] = FORWARDED
         batch.dest_topic[i], batch.dest_partition[i] = self.route.next_topic, None
 
-    def fail(self, batch: Batch, i: int, code: str, message: str, timings: tuple[float, int, float] | None = None,
+    def fail(self, batch: Batch, i: int, code: ErrorCode, message: str, timings: tuple[float, int, float] | None = None,
              *, request_id: str | None = None, reply_to: WireReply | ReplyTo | None = None) -> None:
         """Record ``i`` ends in a dead letter, and an error result where the request can be answered.
 

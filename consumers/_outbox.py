@@ -33,7 +33,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from schemas import RoutingHeaders
+from schemas import ErrorCode, RoutingHeaders
 from streamer.config import WorkerSettings
 from streamer.kafka import KeyPartitions, append_open, append_record
 from streamer.metrics import WorkerMetrics
@@ -159,7 +159,7 @@ class Outbox:
     def _key(self, key: bytes | None) -> bytes | None:
         return key if key is None or len(key) <= self.max_bytes // 4 else None
 
-    def _no_reply(self, batch: Batch, i: int, code: str, why: str) -> None:
+    def _no_reply(self, batch: Batch, i: int, code: ErrorCode, why: str) -> None:
         """The result cannot be sent: the dead letter says why (once: an error result's stays as it is)."""
         log.warning("%s: %s; dead-lettering it", batch.where(i), why)
         if i not in batch.dead:

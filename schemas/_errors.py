@@ -6,7 +6,22 @@ is one family (``streamer.errors`` builds the rest on it).
 
 from __future__ import annotations
 
-__all__ = ["DecodeError", "LimitExceeded", "SchemaError", "StreamerError", "WireError"]
+from typing import Literal
+
+__all__ = ["DecodeError", "ErrorCode", "LimitExceeded", "SchemaError", "StreamerError", "WireError"]
+
+# The wire's error codes (WIRE.md, "Error codes"), defined once: every place that sets one is typed with it.
+ErrorCode = Literal[
+    "decode_error",  # the bytes are not a valid message (msgpack, UTF-8, limits)
+    "schema_error",  # valid msgpack, but not a valid request
+    "unknown_model",  # no worker model by that name on this topic
+    "bad_input",  # the model rejected this item's inputs (dtype, shape, NaN, ...)
+    "model_error",  # the model raised while running
+    "deadline_exceeded",  # the deadline passed before inference (status "expired")
+    "bad_route",  # the reply route is not allowed, not a legal topic, or does not exist (dead letter only)
+    "undeliverable",  # the cluster refused the record (too large, topic gone); the dead letter says why
+    "internal_error",
+]
 
 
 class StreamerError(Exception):
@@ -18,7 +33,7 @@ class WireError(StreamerError, ValueError):
     """A message could not be decoded or validated (one record: recoverable). ``code`` is the wire error code.
     Also a ``ValueError``, as invalid data is."""
 
-    code = "decode_error"
+    code: ErrorCode = "decode_error"
 
     def __init__(self, message: str, *, request_id: str | None = None, reply_to: object = None) -> None:
         super().__init__(message)
@@ -38,4 +53,4 @@ class LimitExceeded(DecodeError):
 class SchemaError(WireError):
     """Valid msgpack that does not match the request or result schema."""
 
-    code = "schema_error"
+    code: ErrorCode = "schema_error"

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from ._errors import ErrorCode
+
 __all__ = [
     "ErrorCode",
     "ErrorInfo",
@@ -26,17 +28,6 @@ __all__ = [
 
 Status = Literal["ok", "error", "expired"]
 
-ErrorCode = Literal[
-    "decode_error",  # the bytes are not a valid message (msgpack, UTF-8, limits)
-    "schema_error",  # valid msgpack, but not a valid request
-    "unknown_model",  # no worker model by that name on this topic
-    "bad_input",  # the model rejected this item's inputs (dtype, shape, NaN, ...)
-    "model_error",  # the model raised while running
-    "deadline_exceeded",  # the deadline passed before inference (status "expired")
-    "bad_route",  # the reply route is not allowed, not a legal topic, or does not exist (dead letter only)
-    "undeliverable",  # the cluster refused the record (too large, topic gone); the dead letter says why
-    "internal_error",
-]
 
 MAX_ID_CHARS = 128
 MAX_NAME_CHARS = 256

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from schemas import StreamerError
+from schemas import ErrorCode, StreamerError
 
 if TYPE_CHECKING:
     from schemas import InferenceResult
@@ -54,7 +54,7 @@ class ModelNotFound(FatalError):
 class BadInput(StreamerError):
     """One request's inputs were rejected by the model (dtype, shape, NaN ...). Recoverable."""
 
-    code = "bad_input"
+    code: ErrorCode = "bad_input"
 
 
 class InferenceTimeout(StreamerError, TimeoutError):
