@@ -1,8 +1,9 @@
-"""Offset commits, kept apart from the worker so a transactional committer can plug in here.
+"""At-least-once offset commits (exactly-once commits transactions instead: ``_transactions``).
 
-The rule (at-least-once): a partition's offset is committed only after the results for
-every record before it are acknowledged by the broker, and only by the worker that still
-owns the partition in the same assignment epoch.
+The rule: a partition's offset is committed only after the results for every record before it
+are acknowledged by the broker, and only by the worker that still owns the partition in the same
+assignment epoch. ``Committer`` is the seam: the worker commits through its consumer group
+(``ConsumerCommitter``), tests through an in-memory one (tests/test_commits.py).
 """
 
 from __future__ import annotations
