@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from streamer import WorkerSettings, kafka  # noqa: E402
 from streamer.config import settings_env  # noqa: E402
-from streamer.tansu import TansuBroker  # noqa: E402
+from streamer.testing import TansuBroker  # noqa: E402
 
 
 async def main() -> None:

@@ -72,7 +72,7 @@ def start_broker(kind: str) -> Any:
         from streamer.broker import LocalKafka
 
         return LocalKafka(heap_mb=1024).start(), "apache-kafka-4.1.1"
-    from streamer.tansu import TansuBroker
+    from streamer.testing import TansuBroker
 
     print("no Java here: using the Tansu broker (throughput only, no delivery guarantees)", flush=True)
     os.environ["STREAMER_IDEMPOTENCE"] = "false"  # Tansu 0.6 has no idempotent producers

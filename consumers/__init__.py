@@ -1,7 +1,7 @@
 """The worker side: consume requests, batch them, run the model, publish results.
 
-Offline replay (``Engine``, ``ReplayJob``, ``ReplaySummary``) is imported on first use, so a worker does not load
-replay's range reader and sinks.
+Replay (``consumers.replay``; ``Engine``, ``ReplayJob``, ``ReplaySummary`` here) is imported on first use, so a
+worker does not load replay's range reader and sinks.
 """
 
 from __future__ import annotations

@@ -16,17 +16,13 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
 from .errors import BrokerError
 from .paths import cache_dir
 
-__all__ = ["KAFKA_VERSION", "LocalKafka", "LocalKafkaCluster", "free_port", "kafka_jars", "start_on_free_ports"]
-
-_Startable = TypeVar("_Startable", "LocalKafka", "LocalKafkaCluster")
+__all__ = ["KAFKA_VERSION", "LocalKafka", "free_port", "kafka_jars"]
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
@@ -86,18 +82,6 @@ def kafka_jars(version: str = KAFKA_VERSION, root: Path | None = None) -> Path:
             shutil.rmtree(libs)
         staging.rename(libs)
     return libs
-
-def start_on_free_ports(make: Callable[[], _Startable], attempts: int = 3) -> _Startable:
-    """``make().start()``, with new ports when a port picked by :func:`free_port` was taken before the broker bound
-    it (another process's outgoing connection may get it meanwhile: the ephemeral range is shared)."""
-    for attempt in range(attempts):
-        try:
-            return make().start()
-        except BrokerError as exc:
-            if "Address already in use" not in str(exc) or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -354,56 +338,6 @@ class LocalKafka:
 
     def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
         self.stop()
-
-class LocalKafkaCluster:
-    """Several KRaft nodes (broker + controller each) on loopback, for broker-failure tests.
-
-    Every node votes in the controller quorum; topics default to replication factor ``nodes``
-    and ``min.insync.replicas=2``. Nodes can be killed and restarted one by one (``nodes[i]``).
-    """
-
-    def __init__(self, nodes: int = 3, *, heap_mb: int = 320, extra_properties: dict[str, str] | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="streamer-kafka-cluster-"))
-        ports = [(free_port(), free_port()) for _ in range(nodes)]
-        voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports, 1))
-        cluster_id = _cluster_id()
-        self.nodes = [
-            LocalKafka(port=p, controller_port=c, data_dir=self.root / f"node-{i}", heap_mb=heap_mb, node_id=i,
-                       voters=voters, cluster_id=cluster_id, extra_properties=extra_properties)
-            for i, (p, c) in enumerate(ports, 1)
-        ]
-
-    @property
-    def bootstrap_servers(self) -> str:
-        return ",".join(n.bootstrap_servers for n in self.nodes)
-
-    def start(self, timeout_s: float = 120.0) -> LocalKafkaCluster:
-        try:
-            for node in self.nodes:
-                node.launch()
-            for node in self.nodes:
-                node.wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def node_by_id(self, node_id: int) -> LocalKafka:
-        return next(n for n in self.nodes if n.node_id == node_id)
-
-    def stop(self) -> None:
-        for node in self.nodes:  # all at once: a node shutting down alone waits for the quorum
-            node.terminate()
-        for node in self.nodes:
-            node.stop(timeout_s=20)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> LocalKafkaCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def _cluster_id() -> str:
     """A random cluster id as Kafka makes one (``Uuid.randomUuid``): URL-safe base64 of 16 bytes.

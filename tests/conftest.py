@@ -47,7 +47,8 @@ def broker() -> Iterator[_Broker]:
         yield _Broker(env, "external")
         return
     if shutil.which("java") and shutil.which("mvn"):
-        from streamer.broker import LocalKafka, start_on_free_ports
+        from streamer.broker import LocalKafka
+        from streamer.testing import start_on_free_ports
 
         local = start_on_free_ports(LocalKafka)
         try:
@@ -61,7 +62,7 @@ def broker() -> Iterator[_Broker]:
         with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
             yield _Broker(container.get_bootstrap_server(), "testcontainers")
         return
-    from streamer.tansu import TansuBroker
+    from streamer.testing import TansuBroker
 
     warnings.warn("no Java or Docker: tests run on Tansu, which does not prove Kafka's guarantees",
                   stacklevel=1)

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 
 @dataclass
 class FakeConsumer:
-    """Assignment, pause/resume, committed offsets and seeks, with every call noted in ``calls``."""
+    """Assignment, pause/resume, committed offsets, seeks and commits, with every call noted in ``calls``; and a
+    log per partition to fetch from, whose end offset (``ends``) may lie past its last record, as a transaction
+    marker's or a compacted gap's does."""
 
     assigned: set[TopicPartition] = field(default_factory=set)
     committed_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -22,6 +25,43 @@ class FakeConsumer:
     positions: dict[TopicPartition, int | str] = field(default_factory=dict)
     _paused: set[TopicPartition] = field(default_factory=set)
     on_committed: Callable[[TopicPartition], Any] | None = None  # called as committed() is answered
+    log: dict[TopicPartition, list[ConsumerRecord]] = field(default_factory=dict)
+    ends: dict[TopicPartition, int] = field(default_factory=dict)
+    commits: list[dict[TopicPartition, Any]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        self.calls.append(("start",))
+
+    async def stop(self) -> None:
+        self.calls.append(("stop",))
+
+    def assign(self, tps: Any) -> None:
+        self.assigned = set(tps)
+
+    async def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.commits.append(dict(offsets))
+
+    async def position(self, tp: TopicPartition) -> int:
+        position = self.positions[tp]
+        assert isinstance(position, int)
+        return position
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
+        await asyncio.sleep(0)
+        out = {}
+        for tp in tps or tuple(self.assigned):
+            if tp in self._paused or tp not in self.assigned:
+                continue
+            at = self.positions[tp]
+            assert isinstance(at, int)
+            got = [r for r in self.log.get(tp, []) if r.offset >= at][:max_records]
+            if got:
+                out[tp] = got
+                self.positions[tp] = got[-1].offset + 1
+            else:
+                self.positions[tp] = max(at, self.ends.get(tp, at))  # past markers and gaps
+        return out
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)

@@ -12,8 +12,8 @@ import pytest
 from aiokafka import ConsumerRecord
 
 from streamer import config, kafka
-from streamer.app.demo import WorkerProcess
 from streamer.config import KafkaSettings, WorkerSettings
+from streamer.testing import WorkerProcess
 
 
 def settings_env(settings: KafkaSettings, **extra: Any) -> dict[str, str]:

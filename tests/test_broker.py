@@ -13,9 +13,9 @@ import pytest
 
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
-from streamer.app.demo import WorkerProcess
 from streamer.broker import LocalKafka, _cluster_id, free_port
 from streamer.config import KafkaSettings
+from streamer.testing import WorkerProcess
 
 from .helpers import settings_env
 

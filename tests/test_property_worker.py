@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from schemas import Codec
 from streamer import WorkerSettings, kafka
-from streamer.app.demo import WorkerProcess
 from streamer.models import load_model
+from streamer.testing import WorkerProcess
 
 from .faults.test_input_faults import rss_mb
 from .helpers import settings_env

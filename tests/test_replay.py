@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
+from consumers.replay import parse_offsets, parse_time_ms
 from producers import request_headers
 from schemas import Codec, InferenceRequest, ReplyTo
 from streamer import WorkerSettings, kafka
-from streamer.app.demo import WorkerProcess
 from streamer.models import load_model
 from streamer.pipeline import BUILTIN_PIPELINES, load_pipeline
-from streamer.ranges import parse_offsets, parse_time_ms
+from streamer.testing import WorkerProcess
 
 from .helpers import Processes, read_topic, settings_env
 

@@ -13,9 +13,6 @@ import argparse
 import asyncio
 import functools
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,34 +21,9 @@ from typing import Any
 import numpy as np
 
 from ..config import ClientSettings, WorkerSettings, load_settings, settings_env
+from ..testing import WorkerProcess
 
-__all__ = ["WorkerProcess", "run_demo"]
-
-
-class WorkerProcess:
-    """``streamer worker`` (or another ``streamer`` command) as a child process, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *extra_args: str, command: str = "worker") -> None:
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamer", command, *extra_args],
-            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        self.signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._log.close()
-        return code
+__all__ = ["run_demo"]
 
 
 def _took(latencies: list[float], start: float, _fut: Any) -> None:

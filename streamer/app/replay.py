@@ -1,4 +1,5 @@
-"""``streamer replay``: the command around consumers.replay (offline) and producers.replay (--republish)."""
+"""``streamer replay``: the command around ``consumers.replay`` (offline, in one process or several, or
+``--republish`` to the live workers)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def run_replay(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
     from rich.console import Console
 
-    from ..ranges import parse_offsets, parse_time_ms, resolve_range
+    from consumers.replay import job_running, parse_offsets, parse_time_ms, resolve_range
 
     topic = args.topic or settings.request_topic
     target = args.pipeline or args.model or settings.model
@@ -74,67 +75,40 @@ async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
         to_ms=parse_time_ms(args.to_time) if args.to_time else None,
     )
     console = Console(stderr=True)
-    from ..replay_jobs import job_running
-
     async with job_running(settings, topic, job):
         return await _run_job(args, settings, topic, job, target, spans, console)
 
 
 async def _run_job(args: argparse.Namespace, settings: WorkerSettings, topic: str, job: str, target: str,
                    spans: Any, console: Any) -> int:
+    from consumers import replay
+
     if args.restart:
-        from ..replay_jobs import forget
-
-        await forget(settings, topic, job)
+        await replay.forget(settings, topic, job)
         if args.republish:
-            from producers.replay import forget_replies
-
-            await forget_replies(settings, job)
+            await replay.forget_replies(settings, job)
+    how = {"model": None if args.pipeline else target, "pipeline": args.pipeline, "device": args.device,
+           "batch_size": args.batch_size, "checkpoint_s": args.checkpoint_s, "keep_deadlines": args.keep_deadlines}
     with _Progress(console, args.no_progress) as progress:
         if args.republish:
-            from producers.replay import republish
-
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-            summary = await republish(settings, topic, job, target, spans, args.sink, rate=args.rate,
-                                      progress=progress, stop=stop, checkpoint_s=args.checkpoint_s)
+            summary = await replay.republish(settings, topic, job, target, spans, args.sink, rate=args.rate,
+                                             progress=progress, stop=stop, checkpoint_s=args.checkpoint_s)
         elif args.processes > 1:
-            from .replay_parallel import replay_in_processes
-
-            summary = await replay_in_processes(args, settings, topic, job, spans, progress)
+            summary = await replay.replay_in_processes(settings, topic, job, spans, args.sink, args.processes,
+                                                       restart=args.restart, progress=progress, **how)
         else:
-            summary = await _offline(args, settings, topic, job, target, spans, progress)
+            summary = await replay.replay_offline(settings, topic, job, spans, args.sink, progress=progress, **how)
     facts = summary.as_dict()
-    how = "done" if summary.complete else "stopped (run the same command again to resume)"
-    console.print(f"replay {job}: {how}. range {facts['range_size']} records; processed {facts['processed']}"
+    state = "done" if summary.complete else "stopped (run the same command again to resume)"
+    console.print(f"replay {job}: {state}. range {facts['range_size']} records; processed {facts['processed']}"
                   f"{f' (+{summary.done_before} before)' if summary.done_before else ''}: ok {facts['ok']}, "
                   f"errors {facts['errors']}, expired {facts['expired']}; {facts['elapsed_s']:.1f} s, "
                   f"{facts['rate_per_s']:,.0f}/s; sink {args.sink}")
     print(json.dumps({"job": job, **facts}))
     return 0 if summary.complete else 3
-
-
-async def _offline(args: argparse.Namespace, settings: WorkerSettings, topic: str, job: str, target: str,
-                   spans: Any, progress: Any) -> Any:
-    from consumers.replay import Engine, ReplayJob, replay_codec
-
-    from ..pipeline import load_pipeline
-    from ..sinks import open_sink
-
-    codec = replay_codec(settings)
-    if args.pipeline:
-        engine = Engine.for_pipeline(load_pipeline(args.pipeline), args.device, codec,
-                                     keep_deadlines=args.keep_deadlines)
-    else:
-        engine = Engine.for_model(target, args.device or settings.device, codec, keep_deadlines=args.keep_deadlines)
-    await asyncio.to_thread(engine.warm_up)
-    runner = ReplayJob(settings, topic, job, engine, open_sink(args.sink, settings), batch_size=args.batch_size,
-                       checkpoint_s=args.checkpoint_s)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runner.request_stop)
-    return await runner.run(spans, progress)
 
 
 class _Progress:

@@ -12,8 +12,9 @@ import pytest
 
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
-from streamer.broker import LocalKafka, LocalKafkaCluster, start_on_free_ports
+from streamer.broker import LocalKafka
 from streamer.models import load_model
+from streamer.testing import LocalKafkaCluster, start_on_free_ports
 
 from ..helpers import Processes
 from .load import MODES, Load, check, drain, explain_duplicates, figures, isolation, report, scaled

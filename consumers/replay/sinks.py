@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from schemas import Codec, InferenceResult, RoutingHeaders
-
-from . import kafka
-from .config import KafkaSettings
-from .jsonl import result_to_json
+from streamer import kafka
+from streamer.config import KafkaSettings
+from streamer.jsonl import result_to_json
 
 __all__ = ["JsonLinesSink", "ParquetSink", "Sink", "TopicSink", "open_sink"]
 

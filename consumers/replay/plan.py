@@ -1,9 +1,10 @@
-"""Replay jobs' shared facts: their consumer group, their plan in committed offsets, their summary.
+"""Replay jobs' shared facts: their consumer group, their plan in committed offsets, their summary, the one
+lock that keeps two runs of a job apart, and the error result of a record that has no id of its own.
 
-Both kinds of replay use them: the offline engine (``consumers.replay``) and ``--republish``
-(``producers.replay``). A job's progress lives in the consumer group ``streamer-replay.<job>``:
-per partition of the range, the next offset to do, with ``{"start": S, "end": E, "sink": B}`` as
-the offset metadata (the span, and the sink checkpoint to cut back to on resume).
+Both kinds of replay use them: the offline engine (``engine``) and ``--republish`` (``republish``). A
+job's progress lives in the consumer group ``streamer-replay.<job>``: per partition of the range, the
+next offset to do, with ``{"start": S, "end": E, "sink": B}`` as the offset metadata (the span, and the
+sink checkpoint to cut back to on resume).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import OffsetAndMetadata
 
-from . import kafka
-from .config import KafkaSettings
-from .errors import ConfigError
+from schemas import ErrorCode, ErrorInfo, InferenceResult
+from streamer import kafka
+from streamer.config import KafkaSettings
+from streamer.errors import ConfigError
+
 from .ranges import Span
 
-__all__ = ["ReplaySummary", "forget", "job_group", "job_running", "plan_metadata", "read_plan"]
+__all__ = ["Plan", "ReplaySummary", "anonymous_error", "forget", "job_group", "job_running", "plan_metadata",
+           "read_plan"]
 
 log = logging.getLogger("streamer.replay")
 
@@ -101,6 +105,33 @@ def job_group(job: str) -> str:
     return f"streamer-replay.{job}"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A job's range (``whole``), what is ``left`` of it, and the sink checkpoint its last commit recorded (None:
+    the job never committed, a fresh start)."""
+
+    whole: list[Span]
+    left: list[Span]
+    sink_at: int | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.whole)
+
+    @property
+    def done(self) -> int:
+        """Records an earlier run of the job did."""
+        return self.size - sum(s.size for s in self.left)
+
+
+def anonymous_error(topic: str, partition: int, offset: int, model: str, code: ErrorCode, message: str,
+                    stage: str | None = None) -> InferenceResult:
+    """The error result of a record that has no readable id: it is named ``TOPIC:PARTITION:OFFSET`` (WIRE.md), so
+    every offset of a replayed range is answered."""
+    return InferenceResult(id=f"{topic}:{partition}:{offset}", model=model, status="error",
+                           error=ErrorInfo(code=code, message=message, stage=stage))
+
+
 @dataclass
 class ReplaySummary:
     range_size: int
@@ -109,6 +140,11 @@ class ReplaySummary:
     statuses: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
     complete: bool = False
+
+    @classmethod
+    def of(cls, plan: Plan) -> ReplaySummary:
+        """A run's summary before it starts: the range, and what earlier runs did of it."""
+        return cls(range_size=plan.size, done_before=plan.done)
 
     @property
     def rate(self) -> float:
@@ -120,17 +156,16 @@ class ReplaySummary:
                 "elapsed_s": round(self.elapsed_s, 3), "rate_per_s": round(self.rate, 1), "complete": self.complete}
 
 
-async def read_plan(settings: KafkaSettings, topic: str, job: str,
-                    fresh: list[Span]) -> tuple[list[Span], list[Span], int | None]:
-    """A job's plan from its commits: (whole range, what is left, sink checkpoint); ``fresh`` if it has none."""
+async def read_plan(settings: KafkaSettings, topic: str, job: str, fresh: list[Span]) -> Plan:
+    """A job's plan from its commits; ``fresh`` (all of it left) if it has none."""
     committed = await kafka.committed_offsets(settings, job_group(job))
     saved = {tp.partition: (om.offset, json.loads(om.metadata)) for tp, om in committed.items()
              if tp.topic == topic and om.metadata}
     if not saved:
-        return fresh, fresh, None
+        return Plan(fresh, fresh)
     whole = [Span(p, meta["start"], meta["end"]) for p, (_off, meta) in sorted(saved.items())]
     left = [Span(p, max(off, meta["start"]), meta["end"]) for p, (off, meta) in sorted(saved.items())]
-    return whole, left, min(int(meta.get("sink", 0)) for _off, meta in saved.values())
+    return Plan(whole, left, min(int(meta.get("sink", 0)) for _off, meta in saved.values()))
 
 
 def plan_metadata(span: Span, sink: int = 0) -> str:

@@ -20,19 +20,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
 
-from aiokafka import TopicPartition
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka.structs import ConsumerRecord
 
-from schemas import Codec, ErrorInfo, InferenceRequest, InferenceResult, ReplyTo, RoutingHeaders, WireError
+from schemas import Codec, InferenceRequest, InferenceResult, ReplyTo, RoutingHeaders, WireError
 from streamer import kafka
 from streamer.config import WorkerSettings
-from streamer.ranges import Span
-from streamer.replay_jobs import ReplaySummary, job_group, plan_metadata, read_plan
-from streamer.sinks import open_sink
 
-from .client import request_headers
+from .plan import Plan, ReplaySummary, anonymous_error, read_plan
+from .ranges import Span
+from .reader import RangeReader
+from .sinks import open_sink
 
 __all__ = ["forget_replies", "reply_topic", "republish"]
 
@@ -48,17 +46,16 @@ async def republish(
     dest, model = _destination(settings, target)
     reply = ReplyTo(topic=reply_topic(settings, job))
     await kafka.ensure_topics(settings, [kafka.TopicSpec(reply.topic, 1, config={"retention.ms": _REPLY_RETENTION_MS})])
-    whole, left, _ = await read_plan(settings, topic, job, fresh)
-    summary = ReplaySummary(range_size=sum(s.size for s in whole),
-                            done_before=sum(s.size for s in whole) - sum(s.size for s in left))
+    plan = await read_plan(settings, topic, job, fresh)
+    summary = ReplaySummary.of(plan)
     stop = stop or asyncio.Event()
     started = time.perf_counter()
     results: dict[str, InferenceResult] = {}
     complete = asyncio.Event()
     collector = asyncio.create_task(_collect(settings, reply, results, summary.range_size, progress, complete))
     try:
-        sender = _Sender(settings, topic, job, whole, dest, model, reply, rate, checkpoint_s)
-        summary.processed = await sender.run(left, stop)
+        sender = _Sender(settings, topic, job, plan, dest, model, reply, rate, checkpoint_s)
+        summary.processed = await sender.run(stop)
         if not stop.is_set():
             async with asyncio.timeout(timeout_s):
                 done = asyncio.ensure_future(complete.wait())
@@ -105,79 +102,72 @@ def _destination(settings: WorkerSettings, target: str) -> tuple[str, str]:
 
 
 class _Sender:
-    def __init__(self, settings: WorkerSettings, topic: str, job: str, whole: list[Span], dest: str, model: str,
+    def __init__(self, settings: WorkerSettings, topic: str, job: str, plan: Plan, dest: str, model: str,
                  reply: ReplyTo, rate: float, checkpoint_s: float) -> None:
         self.settings = settings
         self.topic = topic
-        self.spans = {TopicPartition(topic, s.partition): s for s in whole}
         self.dest, self.model, self.reply = dest, model, reply
         self.interval = 1.0 / rate
         self.checkpoint_s = checkpoint_s
         self.codec = Codec()
-        self.consumer = kafka.consumer(settings, group_id=job_group(job), enable_auto_commit=False,
-                                       isolation_level="read_committed")
+        self.reader = RangeReader(settings, topic, job, plan)
         self.producer = kafka.producer(settings)
-        self.nxt: dict[TopicPartition, int] = {}
+        self.handled = 0
+        self._next_at = self._last_commit = 0.0
 
-    async def run(self, left: list[Span], stop: asyncio.Event) -> int:
+    async def run(self, stop: asyncio.Event) -> int:
         """Send what is left; returns how many records this run handled."""
-        await kafka.start(self.settings, self.consumer, self.producer)
-        handled = 0
+        await kafka.start(self.settings, self.producer)
+        self.handled = 0
         try:
-            self.nxt = {TopicPartition(self.topic, s.partition): s.start for s in left}
-            self.consumer.assign(sorted(self.spans))  # all of them: commits name every partition of the range
-            self.consumer.pause(*self.spans)
-            await self._commit()  # the plan, before anything is sent
-            next_at = time.monotonic()
-            last_commit = time.monotonic()
-            for span in left:
-                tp = TopicPartition(self.topic, span.partition)
-                if stop.is_set() or not span.size:
-                    continue
-                self.consumer.seek(tp, span.start)
-                self.consumer.resume(tp)
-                while self.nxt[tp] < span.end and not stop.is_set():
-                    batch = (await self.consumer.getmany(tp, timeout_ms=500, max_records=200)).get(tp, [])
-                    if not batch and await self.consumer.position(tp) >= span.end:
-                        self.nxt[tp] = span.end
-                    for r in batch:
-                        if r.offset >= span.end or stop.is_set():
+            await self.reader.start()  # records the plan before anything is sent
+            self._next_at = self._last_commit = time.monotonic()
+            for tp in self.reader.pending():
+                if stop.is_set():
+                    break
+                async with contextlib.aclosing(self.reader.records(tp, 200)) as chunks:
+                    async for chunk in chunks:
+                        if not await self._send(chunk, stop):
                             break
-                        now = time.monotonic()
-                        if next_at > now:
-                            await asyncio.sleep(next_at - now)
-                        next_at = max(next_at, now) + self.interval
-                        await self._send_one(r)
-                        self.nxt[tp] = r.offset + 1
-                        handled += 1
-                        if time.monotonic() - last_commit >= self.checkpoint_s:
-                            await self._commit()
-                            last_commit = time.monotonic()
-                self.consumer.pause(tp)
             await self._commit()
         finally:
             await self.producer.stop()
-            await self.consumer.stop()
-        return handled
+            await self.reader.stop()
+        return self.handled
 
-    async def _send_one(self, r: Any) -> None:
+    async def _send(self, chunk: list[ConsumerRecord], stop: asyncio.Event) -> bool:
+        """Send ``chunk`` at the job's rate; False once asked to stop."""
+        for r in chunk:
+            if stop.is_set():
+                return False
+            now = time.monotonic()
+            if self._next_at > now:
+                await asyncio.sleep(self._next_at - now)
+            self._next_at = max(self._next_at, now) + self.interval
+            await self._send_one(r)
+            self.reader.done(r)  # committed as sent only once acknowledged: _commit flushes first
+            self.handled += 1
+            if time.monotonic() - self._last_commit >= self.checkpoint_s:
+                await self._commit()
+                self._last_commit = time.monotonic()
+        return True
+
+    async def _send_one(self, r: ConsumerRecord) -> None:
         try:
             old = self.codec.decode_request(r.value or b"")
         except WireError as exc:
-            rid = f"{self.topic}:{r.partition}:{r.offset}"
-            bad = InferenceResult(id=rid, model=self.model, status="error",
-                                  error=ErrorInfo(code=exc.code, message=str(exc)))
-            await self.producer.send(self.reply.topic, self.codec.encode_result(bad), key=rid.encode(),
-                                     headers=RoutingHeaders(rid, None).build())
+            bad = anonymous_error(self.topic, r.partition, r.offset, self.model, exc.code, str(exc))
+            await self.producer.send(self.reply.topic, self.codec.encode_result(bad), key=bad.id.encode(),
+                                     headers=RoutingHeaders(bad.id, None).build())
             return
         req = InferenceRequest(id=old.id, model=self.model, inputs=old.inputs, key=old.key, reply_to=self.reply,
                                metadata=old.metadata)
-        await self.producer.send(self.dest, self.codec.encode_request(req), key=r.key, headers=request_headers(req))
+        await self.producer.send(self.dest, self.codec.encode_request(req), key=r.key,
+                                 headers=RoutingHeaders(req.id, req.reply_to).build())
 
     async def _commit(self) -> None:
         await self.producer.flush()  # acknowledged before it counts as sent
-        await self.consumer.commit({tp: OffsetAndMetadata(self.nxt.get(tp, s.end), plan_metadata(s))
-                                    for tp, s in self.spans.items()})
+        await self.reader.commit()
 
 
 async def _collect(settings: WorkerSettings, reply: ReplyTo, results: dict[str, InferenceResult], total: int,

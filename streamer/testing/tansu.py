@@ -11,8 +11,8 @@ import socket
 import subprocess
 import time
 
-from .broker import free_port
-from .errors import BrokerError
+from ..broker import free_port
+from ..errors import BrokerError
 
 __all__ = ["TansuBroker"]
 

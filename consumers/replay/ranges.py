@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 
 from aiokafka import TopicPartition
 
-from . import kafka
-from .config import KafkaSettings
-from .errors import ConfigError
+from streamer import kafka
+from streamer.config import KafkaSettings
+from streamer.errors import ConfigError
 
 __all__ = ["Span", "parse_offsets", "parse_time_ms", "resolve_range"]
 

@@ -1,6 +1,6 @@
 """Replay for offline batch inference: a fixed range of a request topic through a model or a pipeline.
 
-The job reads each partition's span (``streamer.ranges``), runs large batches through the same
+The job reads each partition's span (``reader``), runs large batches through the same
 code the live workers run (``BatchRunner``: decoding, validation, bisection of failing batches;
 a pipeline's stages one after the other, their messages encoded as on the wire), and writes one
 result per record to a sink: the request's own result, or an error result. A record that has no
@@ -19,27 +19,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.structs import ConsumerRecord
 
-from schemas import Codec, ErrorInfo, InferenceResult, Limits, RoutingHeaders
-from streamer import kafka
+from schemas import Codec, InferenceResult, Limits, RoutingHeaders
 from streamer.config import WorkerSettings
 from streamer.models import load_model
-from streamer.pipeline import PipelineSpec
-from streamer.ranges import Span
-from streamer.replay_jobs import ReplaySummary, job_group, plan_metadata, read_plan
-from streamer.sinks import Sink
+from streamer.pipeline import PipelineSpec, load_pipeline
 
-from ._batch import FORWARDED, Batch, DeadLetter, Route, Run
-from ._inference import BatchRunner
-from .stage import stage_route
+from .._batch import FORWARDED, Batch, DeadLetter, Route, Run
+from .._inference import BatchRunner
+from ..stage import stage_route
+from .plan import ReplaySummary, anonymous_error, read_plan
+from .ranges import Span
+from .reader import RangeReader
+from .sinks import Sink, open_sink
 
-__all__ = ["Engine", "ReplayJob", "ReplaySummary", "replay_codec"]
+__all__ = ["Engine", "ReplayJob", "replay_codec", "replay_offline"]
 
 log = logging.getLogger("streamer.replay")
 
@@ -120,11 +122,8 @@ def _runner(runner: BatchRunner, keep_deadlines: bool) -> BatchRunner:
 
 
 def _anonymous_error(rec: Any, dl: DeadLetter | None, route: Route) -> InferenceResult:
-    return InferenceResult(
-        id=f"{rec.topic}:{rec.partition}:{rec.offset}", model=route.model, status="error",
-        error=ErrorInfo(code=dl.code if dl else "model_error", message=dl.message if dl else "no result",
-                        stage=route.stage),
-    )
+    return anonymous_error(rec.topic, rec.partition, rec.offset, route.model, dl.code if dl else "model_error",
+                           dl.message if dl else "no result", route.stage)
 
 
 class ReplayJob:
@@ -147,34 +146,24 @@ class ReplayJob:
         self._stop.set()
 
     async def run(self, fresh: list[Span], progress: Callable[[int, int], None] | None = None) -> ReplaySummary:
-        whole, left, sink_at = await read_plan(self.settings, self.topic, self.job, fresh)
-        summary = ReplaySummary(range_size=sum(s.size for s in whole),
-                                done_before=sum(s.size for s in whole) - sum(s.size for s in left))
-        if sink_at is not None:
+        plan = await read_plan(self.settings, self.topic, self.job, fresh)
+        summary = ReplaySummary.of(plan)
+        if plan.sink_at is not None:
             log.info("job %s resumes: %d of %d records were done", self.job, summary.done_before, summary.range_size)
             if summary.done_before == summary.range_size:
                 summary.complete = True  # finished before: the sink is whole, leave it be
                 self.engine.close()
                 return summary
-        await self.sink.open(sink_at)
-        consumer = kafka.consumer(self.settings, group_id=job_group(self.job), enable_auto_commit=False,
-                                  isolation_level="read_committed", max_partition_fetch_bytes=4 << 20,
-                                  fetch_max_bytes=32 << 20)
-        spans = {TopicPartition(self.topic, s.partition): s for s in whole}
-        nxt = {TopicPartition(self.topic, s.partition): s.start for s in left}
-        pending = {tp for tp in nxt if nxt[tp] < spans[tp].end}
+        await self.sink.open(plan.sink_at)
+        reader = RangeReader(self.settings, self.topic, self.job, plan, max_partition_fetch_bytes=4 << 20,
+                             fetch_max_bytes=32 << 20)
         started = time.perf_counter()
         if progress:
             progress(summary.done_before, summary.range_size)
         try:
-            await kafka.start(self.settings, consumer)
-            consumer.assign(sorted(spans))  # all of them: commits name every partition of the range
-            for tp in spans:
-                consumer.seek(tp, nxt[tp])
-            consumer.pause(*spans)  # the reader resumes one partition at a time
-            await self._commit(consumer, spans, nxt)  # records the plan before any output
+            await reader.start()
             batches: asyncio.Queue[list[Any] | None] = asyncio.Queue(maxsize=2)
-            reader = asyncio.create_task(self._read(consumer, spans, pending, batches))
+            feeder = asyncio.create_task(self._read(reader, batches))
             last_checkpoint = time.monotonic()
             done: tuple[list[Any], list[InferenceResult]] | None = None
             try:
@@ -185,55 +174,40 @@ class ReplayJob:
                     if done is not None:
                         await self.sink.write(done[1])
                         for rec in done[0]:
-                            nxt[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+                            reader.done(rec)
                         summary.processed += len(done[0])
                         summary.statuses.update(r.status for r in done[1])
                         if progress:
                             progress(summary.done_before + summary.processed, summary.range_size)
                         if time.monotonic() - last_checkpoint >= self.checkpoint_s:
-                            await self._commit(consumer, spans, nxt)
+                            await reader.commit(await self.sink.checkpoint())
                             last_checkpoint = time.monotonic()
                     if running is None or batch is None:
                         break
                     done = (batch, await running)
             finally:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
-            await self._commit(consumer, spans, nxt)
-            summary.complete = all(nxt[tp] >= spans[tp].end for tp in nxt)
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+            await reader.commit(await self.sink.checkpoint())
+            summary.complete = reader.complete
         finally:
             summary.elapsed_s = time.perf_counter() - started
-            await consumer.stop()
+            await reader.stop()
             await self.sink.close(summary.complete)
             self.engine.close()
         return summary
 
-    async def _commit(self, consumer: Any, spans: dict[TopicPartition, Span], nxt: dict[TopicPartition, int]) -> None:
-        sink_at = await self.sink.checkpoint()
-        offsets = {tp: OffsetAndMetadata(nxt[tp], plan_metadata(spans[tp], sink_at)) for tp in spans}
-        await consumer.commit(offsets)
-
-    async def _read(self, consumer: Any, spans: dict[TopicPartition, Span], pending: set[TopicPartition],
-                    out: asyncio.Queue[list[Any] | None]) -> None:
-        """Read the spans one partition after another, in partition order, into batches of ``batch_size``.
-
-        The order, and so each batch, is fixed by the range alone: replaying it again runs the
-        model on the very same batches (bit-identical outputs, even where batch shape matters).
-        None when every span is read.
-        """
-        buf: list[Any] = []
-        for tp in sorted(pending, key=lambda t: t.partition):
-            end = spans[tp].end
-            consumer.resume(tp)
-            while True:
-                fetched = (await consumer.getmany(tp, timeout_ms=200, max_records=self.batch_size)).get(tp, [])
-                buf.extend(r for r in fetched if r.offset < end)
+    async def _read(self, reader: RangeReader, out: asyncio.Queue[list[ConsumerRecord] | None]) -> None:
+        """The range in batches of ``batch_size``, across partitions in partition order, so that replaying it again
+        runs the model on the very same batches (bit-identical outputs, even where batch shape matters). None when
+        every span is read."""
+        buf: list[ConsumerRecord] = []
+        for tp in reader.pending():
+            async for chunk in reader.records(tp, self.batch_size):
+                buf.extend(chunk)
                 while len(buf) >= self.batch_size:
                     await out.put(buf[: self.batch_size])
                     buf = buf[self.batch_size:]
-                if (fetched and fetched[-1].offset >= end - 1) or await consumer.position(tp) >= end:
-                    break  # position: a span may end at a transaction marker or a compacted gap
-            consumer.pause(tp)
         if buf:
             await out.put(buf)
         await out.put(None)
@@ -241,3 +215,28 @@ class ReplayJob:
 
 def replay_codec(settings: WorkerSettings) -> Codec:
     return Codec(Limits(max_message_bytes=settings.max_message_bytes, max_tensor_elements=settings.max_tensor_elements))
+
+
+async def replay_offline(settings: WorkerSettings, topic: str, job: str, spans: list[Span], sink: str, *,
+                         model: str | None = None, pipeline: str | None = None, device: str | None = None,
+                         batch_size: int = 256, checkpoint_s: float = 2.0, keep_deadlines: bool = False,
+                         progress: Callable[[int, int], None] | None = None,
+                         stop_on_signals: bool = True) -> ReplaySummary:
+    """``spans`` of ``topic`` through ``model`` (default: the settings') or ``pipeline`` into ``sink``, as job
+    ``job``: what ``streamer replay`` runs, in this process. SIGINT/SIGTERM stop it after the batch in hand."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    codec = replay_codec(settings)
+    if pipeline:
+        engine = Engine.for_pipeline(load_pipeline(pipeline), device, codec, keep_deadlines=keep_deadlines)
+    else:
+        engine = Engine.for_model(model or settings.model, device or settings.device, codec,
+                                  keep_deadlines=keep_deadlines)
+    await asyncio.to_thread(engine.warm_up)
+    job_run = ReplayJob(settings, topic, job, engine, open_sink(sink, settings), batch_size=batch_size,
+                        checkpoint_s=checkpoint_s)
+    if stop_on_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, job_run.request_stop)
+    return await job_run.run(spans, progress)
