@@ -88,7 +88,18 @@ class StreamerClient:
 
     @property
     def duplicates_dropped(self) -> int:
+        """Results for requests already answered (at-least-once redelivery), dropped."""
         return self._router.duplicates_dropped
+
+    @property
+    def unknown_dropped(self) -> int:
+        """Results on the reply topic for requests this client is not waiting for (another client's), dropped."""
+        return self._router.unknown_dropped
+
+    @property
+    def undecodable_dropped(self) -> int:
+        """Records on the reply topic that are not results, dropped (each is logged)."""
+        return self._router.undecodable
 
     @property
     def pending(self) -> int:
