@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._batch import Route
+from ._batch import Route, RunStats
 from ._commit import Committer, ConsumerCommitter
-from ._inference import RunStats
 from .stage import stage_settings, stage_worker
 from .worker import Worker
 

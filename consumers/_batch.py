@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 
 from schemas import ErrorCode, WireRequest, WireStage
 
-__all__ = ["FORWARDED", "Batch", "BatchStats", "DeadLetter", "Route", "Run"]
+__all__ = ["FORWARDED", "Batch", "BatchStats", "DeadLetter", "Route", "Run", "RunStats"]
 
 FORWARDED = "forwarded"  # a status beside the wire's ok/error/expired: sent on to the next stage
 
@@ -66,6 +66,56 @@ class BatchStats:
     queue_waits: list[tuple[float, int]] = field(default_factory=list)  # (seconds, items) per run that ran
     forward_passes: int = 0
     extra_forward_passes: int = 0
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Totals since start, for the worker's logs; added to once per batch from its :class:`BatchStats`."""
+
+    batches: int = 0
+    items: int = 0
+    ok: int = 0
+    errors: int = 0
+    expired: int = 0
+    dead_letters: int = 0
+    forward_passes: int = 0
+    extra_forward_passes: int = 0  # caused by bisecting failed batches
+    queue_ms_total: float = 0.0
+    inference_ms_total: float = 0.0
+    busy_ms_total: float = 0.0  # from taking a batch to publishing its outputs
+
+    def add(self, st: BatchStats) -> None:
+        self.batches += 1
+        self.items += st.size
+        self.ok += st.statuses["ok"] + st.statuses[FORWARDED]
+        self.errors += st.statuses["error"]
+        self.expired += st.statuses["expired"]
+        self.dead_letters += sum(st.dead_letters.values())
+        self.forward_passes += st.forward_passes
+        self.extra_forward_passes += st.extra_forward_passes
+        self.queue_ms_total += sum(w * n for w, n in st.queue_waits) * 1000
+        self.inference_ms_total += st.inference_s * 1000
+
+    def since(self, prev: RunStats, interval_s: float) -> str | None:
+        """What happened since ``prev``, ``interval_s`` ago, as the worker logs it (None: nothing did)."""
+        items, batches = self.items - prev.items, self.batches - prev.batches
+        if not items:
+            return None
+        return (f"{items / interval_s:.1f} items/s, mean batch {items / max(batches, 1):.1f}, queue wait "
+                f"{(self.queue_ms_total - prev.queue_ms_total) / items:.1f} ms, model "
+                f"{(self.inference_ms_total - prev.inference_ms_total) / max(batches, 1):.1f} ms per batch, ok "
+                f"{self.ok - prev.ok}, errors {self.errors - prev.errors}, expired {self.expired - prev.expired}, "
+                f"dead letters {self.dead_letters - prev.dead_letters}")
+
+    def rates_since(self, prev: RunStats, min_mean_batch: float) -> tuple[float, float] | None:
+        """Items/s of model time and of busy wall time since ``prev``, if batches averaged ``min_mean_batch`` items
+        at least (light load, small batches, says nothing of what a worker sustains)."""
+        items, batches = self.items - prev.items, self.batches - prev.batches
+        busy_s = (self.inference_ms_total - prev.inference_ms_total) / 1000
+        wall_s = (self.busy_ms_total - prev.busy_ms_total) / 1000
+        if batches and busy_s > 0 and wall_s > 0 and items / batches >= min_mean_batch:
+            return items / busy_s, items / wall_s
+        return None
 
 
 class Batch:

@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,43 +46,14 @@ from streamer.errors import BadInput
 from streamer.models import Model
 from streamer.tracing import WorkerTracing
 
-from ._batch import FORWARDED, Batch, BatchStats, DeadLetter, Route
+from ._batch import FORWARDED, Batch, DeadLetter, Route
 
-__all__ = ["BatchRunner", "RunStats"]
+__all__ = ["BatchRunner"]
 
 _SCHEMA = str(SCHEMA_VERSION).encode()
 INLINE_BELOW_MS = 1.0
 """A batch the model should take less than this for (estimated from its measured times) runs on the event
 loop, not the model thread: handing a tiny batch to a thread costs more than running it."""
-
-
-@dataclass(slots=True)
-class RunStats:
-    """Totals since start, for the worker's logs; added to once per batch from its :class:`BatchStats`."""
-
-    batches: int = 0
-    items: int = 0
-    ok: int = 0
-    errors: int = 0
-    expired: int = 0
-    dead_letters: int = 0
-    forward_passes: int = 0
-    extra_forward_passes: int = 0  # caused by bisecting failed batches
-    queue_ms_total: float = 0.0
-    inference_ms_total: float = 0.0
-    busy_ms_total: float = 0.0  # from taking a batch to publishing its outputs
-
-    def add(self, st: BatchStats) -> None:
-        self.batches += 1
-        self.items += st.size
-        self.ok += st.statuses["ok"] + st.statuses[FORWARDED]
-        self.errors += st.statuses["error"]
-        self.expired += st.statuses["expired"]
-        self.dead_letters += sum(st.dead_letters.values())
-        self.forward_passes += st.forward_passes
-        self.extra_forward_passes += st.extra_forward_passes
-        self.queue_ms_total += sum(w * n for w, n in st.queue_waits) * 1000
-        self.inference_ms_total += st.inference_s * 1000
 
 
 class BatchRunner:

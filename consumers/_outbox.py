@@ -38,9 +38,9 @@ from streamer.config import WorkerSettings
 from streamer.kafka import KeyPartitions, append_open, append_record
 from streamer.metrics import WorkerMetrics
 
-from ._batch import FORWARDED, Batch, DeadLetter, Route
+from ._batch import FORWARDED, Batch, DeadLetter, Route, RunStats
 from ._dead_letter import dead_letter_record
-from ._inference import BatchRunner, RunStats
+from ._inference import BatchRunner
 from ._routes import ReplyRoutes
 
 __all__ = ["Delivery", "Outbox"]

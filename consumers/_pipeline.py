@@ -24,9 +24,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from streamer.batching import BatchQueue, LatencyTarget
 from streamer.metrics import WorkerMetrics
 
-from ._batch import Batch, Run
+from ._batch import Batch, Run, RunStats
 from ._commit import OrderedCommits
-from ._inference import BatchRunner, RunStats
+from ._inference import BatchRunner
 from ._outbox import Outbox
 from ._telemetry import Telemetry
 from ._transactions import TransactionWindows

@@ -35,9 +35,9 @@ from streamer.metrics import WorkerMetrics
 from streamer.models import Model
 from streamer.tracing import WorkerTracing, tracing
 
-from ._batch import Route
+from ._batch import Route, RunStats
 from ._commit import ConsumerCommitter, OrderedCommits
-from ._inference import BatchRunner, RunStats
+from ._inference import BatchRunner
 from ._outbox import Outbox
 from ._pipeline import Key, Pipeline
 from ._served import Reloader, load_served_model
@@ -270,32 +270,16 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.stats_interval_s)
             now = self.stats
-            items, batches = now.items - prev.items, now.batches - prev.batches
-            if items:
-                log.info(
-                    "%s: %.1f items/s, mean batch %.1f, queue wait %.1f ms, model %.1f ms per batch, "
-                    "ok %d, errors %d, expired %d, dead letters %d, buffered %d",
-                    self.describe(), items / self.settings.stats_interval_s, items / max(batches, 1),
-                    (now.queue_ms_total - prev.queue_ms_total) / items,
-                    (now.inference_ms_total - prev.inference_ms_total) / max(batches, 1),
-                    now.ok - prev.ok, now.errors - prev.errors, now.expired - prev.expired,
-                    now.dead_letters - prev.dead_letters, len(self._queue),
-                )
-            self._update_capacity(now, prev)
+            line = now.since(prev, self.settings.stats_interval_s)
+            if line is not None:
+                log.info("%s: %s, buffered %d", self.describe(), line, len(self._queue))
+            # The capacity figure (items/s of model time) goes out at the group's next rebalance.
+            rates = now.rates_since(prev, self.policy.max_batch_size / 2)
+            if rates is not None:
+                rate, sustained = rates
+                self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
+                self._throughput = sustained if self._throughput is None else 0.7 * self._throughput + 0.3 * sustained
             prev = dataclasses.replace(now)
-
-    def _update_capacity(self, now: RunStats, prev: RunStats) -> None:
-        """Follow the measured items/s of model time while batches run at least half full.
-
-        The figure goes out at the group's next rebalance; light load (small batches) says nothing.
-        """
-        items, batches = now.items - prev.items, now.batches - prev.batches
-        busy_s = (now.inference_ms_total - prev.inference_ms_total) / 1000
-        wall_s = (now.busy_ms_total - prev.busy_ms_total) / 1000
-        if batches and busy_s > 0 and wall_s > 0 and items / batches >= self.policy.max_batch_size / 2:
-            rate, sustained = items / busy_s, items / wall_s
-            self._measured = rate if self._measured is None else 0.7 * self._measured + 0.3 * rate
-            self._throughput = sustained if self._throughput is None else 0.7 * self._throughput + 0.3 * sustained
 
     # -- rebalance ---------------------------------------------------------------------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -9,8 +9,8 @@ import torch
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from consumers._batch import Batch, Route, Run
-from consumers._inference import BatchRunner, RunStats
+from consumers._batch import Batch, Route, Run, RunStats
+from consumers._inference import BatchRunner
 from consumers._telemetry import Telemetry
 from schemas import Codec, RoutingHeaders
 from streamer.config import WorkerSettings
@@ -57,3 +57,14 @@ async def test_a_batch_is_counted_once_and_alike_in_the_logs_and_in_prometheus()
     # Queue waits and latencies per item that ran, observed with counts (not one call per item).
     assert _value(metrics, "streamer_queue_wait_seconds_count") == 6
     assert _value(metrics, "streamer_end_to_end_latency_seconds_count") == 6
+
+
+def test_the_log_line_and_the_capacity_rates_come_from_the_totals() -> None:
+    prev = RunStats()
+    now = RunStats(batches=4, items=120, ok=118, errors=2, dead_letters=2, queue_ms_total=240.0,
+                   inference_ms_total=400.0, busy_ms_total=600.0)
+    assert now.since(prev, 10.0) == ("12.0 items/s, mean batch 30.0, queue wait 2.0 ms, model 100.0 ms per batch, "
+                                     "ok 118, errors 2, expired 0, dead letters 2")
+    assert now.since(now, 10.0) is None
+    assert now.rates_since(prev, 16) == (300.0, 200.0)  # 120 items in 0.4 s of model time, 0.6 s busy
+    assert now.rates_since(prev, 32) is None  # batches of 30 on average: light load says nothing
