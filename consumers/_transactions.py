@@ -136,21 +136,29 @@ class TransactionWindows:
     # -- taking partitions over ---------------------------------------------------------------------------
     def take(self, tps: Iterable[TopicPartition]) -> None:
         """Read ``tps`` only once their producers started (fencing the previous owners, completing their last
-        transactions) and from the offsets committed by then. Producers start side by side."""
+        transactions) and from the offsets committed by then. Taken over together: producers start side by side,
+        and the partitions become readable at once, so that the first fetch serves them all (resumed one by one,
+        the first could fill the queue while the others wait)."""
+        todo = []
         for tp in tps:
             self.fenced.discard(tp)
-            if tp in self.taking:
-                continue
-            self.consumer.pause(tp)
-            self.taking[tp] = asyncio.create_task(self._take(tp), name=f"streamer-take-{tp.topic}-{tp.partition}")
+            if tp not in self.taking:
+                todo.append(tp)
+        if not todo:
+            return
+        self.consumer.pause(*todo)
+        task = asyncio.create_task(self._take(todo), name=f"streamer-take-{len(todo)}")
+        for tp in todo:
+            self.taking[tp] = task
 
-    async def _take(self, tp: TopicPartition) -> None:
+    async def _take(self, tps: list[TopicPartition]) -> None:
         backoff = 0.1
         try:
             while True:
                 try:
-                    await self.producers.get(tp)  # returns once the previous owner's transaction is complete
-                    committed = await self.consumer.committed(tp)
+                    # Each start returns once the previous owner's transaction is complete.
+                    await asyncio.gather(*(self.producers.get(tp) for tp in tps))
+                    committed = await asyncio.gather(*(self.consumer.committed(tp) for tp in tps))
                     break
                 except (KafkaError, BrokerError) as exc:
                     # A cluster that does not answer now (a broker restarting) is waited for, as the consumer
@@ -158,29 +166,41 @@ class TransactionWindows:
                     waiting = isinstance(exc, KafkaTimeoutError) or getattr(exc, "retriable", True)
                     if isinstance(exc, AuthenticationFailed | TlsFailed) or not waiting:
                         raise
-                    log.warning("%s: starting its transactional producer failed (%s); retrying in %.1f s",
-                                tp, exc, backoff)
+                    log.warning("%s: starting their transactional producers failed (%s); retrying in %.1f s",
+                                ", ".join(f"{tp.topic}-{tp.partition}" for tp in tps), exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(2 * backoff, 2.0)
-            if tp not in self.consumer.assignment():
-                return
-            if committed is None:
-                await self.consumer.seek_to_beginning(tp)  # as a worker's consumer resets (streamer.kafka)
-            else:
-                self.consumer.seek(tp, committed)
-            self.consumer.resume(tp)
+            mine = self.consumer.assignment()
+            ready = [tp for tp in tps if tp in mine]
+            for tp, offset in zip(tps, committed, strict=True):
+                if tp not in mine:
+                    continue
+                if offset is None:
+                    await self.consumer.seek_to_beginning(tp)  # as a worker's consumer resets (streamer.kafka)
+                else:
+                    self.consumer.seek(tp, offset)
+            self.consumer.resume(*ready)
         except Exception as exc:  # noqa: BLE001 - handed to the worker's fetch loop, which stops with it
-            log.error("%s: cannot take the partition over: %r", tp, exc)  # noqa: TRY400 - raised again there
+            log.error("cannot take %s over: %r", tps, exc)  # noqa: TRY400 - raised again there
             self.error = exc
         finally:
-            if self.taking.get(tp) is asyncio.current_task():
-                del self.taking[tp]
+            for tp in tps:
+                if self.taking.get(tp) is asyncio.current_task():
+                    del self.taking[tp]
 
     async def _stop_taking(self, tps: Iterable[TopicPartition]) -> None:
-        tasks = [task for tp in tps if (task := self.taking.pop(tp, None)) is not None]
+        """Stop taking ``tps`` over (revoked, or the worker stops). Partitions taken over together with them that
+        stay ours are taken over again on their own."""
+        gone = set(tps)
+        tasks = {task for tp in gone if (task := self.taking.get(tp)) is not None}
+        others = [tp for tp, task in self.taking.items() if task in tasks and tp not in gone]
+        for tp in [*gone, *others]:
+            self.taking.pop(tp, None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if others:
+            self.take(others)
 
     async def publish(self, batch: Batch, current_epoch: Callable[[TopicPartition], int]) -> None:
         """Send each partition's outputs in its open transaction (opened here if none is)."""

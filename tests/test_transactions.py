@@ -99,6 +99,34 @@ async def test_a_partition_revoked_during_its_takeover_is_never_resumed() -> Non
     assert not any(c[0] in {"seek", "resume"} for c in consumer.calls)
 
 
+async def test_partitions_taken_over_together_become_readable_together() -> None:
+    """Resumed one by one, the first partition's records could fill the worker's queue while the others wait."""
+    tp1 = TopicPartition("requests", 1)
+    consumer = FakeConsumer(assigned={TP, tp1}, committed_offsets={TP: 4, tp1: 9})
+    windows, _ = _windows(consumer)
+    windows.take([TP, tp1])
+    await _settled(windows)
+    starts = [i for i, c in enumerate(consumer.calls) if c[0] == "start"]
+    resumes = [c for c in consumer.calls if c[0] == "resume"]
+    assert len(starts) == 2 and set(resumes) == {("resume", TP), ("resume", tp1)}
+    # Both resumed in one call, after both producers started and both offsets were read.
+    assert consumer.calls[-2:] in ([("resume", TP), ("resume", tp1)], [("resume", tp1), ("resume", TP)])
+    assert consumer.positions == {TP: 4, tp1: 9}
+
+
+async def test_a_partition_revoked_from_a_takeover_leaves_the_others_taken_over() -> None:
+    tp1 = TopicPartition("requests", 1)
+    consumer = FakeConsumer(assigned={TP, tp1}, committed_offsets={tp1: 9})
+    windows, _ = _windows(consumer, [BrokerError("down")] * 3)
+    windows.take([TP, tp1])
+    await asyncio.sleep(0.005)
+    consumer.assigned.discard(TP)
+    await windows.release([TP])
+    await _settled(windows)
+    assert ("resume", tp1) in consumer.calls and ("resume", TP) not in consumer.calls
+    assert consumer.positions == {tp1: 9} and windows.error is None
+
+
 def _open(windows: TransactionWindows, producer: FakeProducer) -> None:
     windows.producers._producers[TP] = producer  # type: ignore[assignment]
     windows._open[TP] = _Window(producer, last=9, opened=time.monotonic())  # type: ignore[arg-type]
