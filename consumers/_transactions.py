@@ -170,16 +170,15 @@ class TransactionWindows:
                                 ", ".join(f"{tp.topic}-{tp.partition}" for tp in tps), exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(2 * backoff, 2.0)
-            mine = self.consumer.assignment()
-            ready = [tp for tp in tps if tp in mine]
             for tp, offset in zip(tps, committed, strict=True):
-                if tp not in mine:
+                if tp not in self.consumer.assignment():
                     continue
                 if offset is None:
                     await self.consumer.seek_to_beginning(tp)  # as a worker's consumer resets (streamer.kafka)
                 else:
                     self.consumer.seek(tp, offset)
-            self.consumer.resume(*ready)
+            mine = self.consumer.assignment()  # as of now: the seeks above may have waited
+            self.consumer.resume(*(tp for tp in tps if tp in mine))
         except Exception as exc:  # noqa: BLE001 - handed to the worker's fetch loop, which stops with it
             log.error("cannot take %s over: %r", tps, exc)  # noqa: TRY400 - raised again there
             self.error = exc
