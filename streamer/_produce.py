@@ -9,13 +9,30 @@ and the client cover them.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ProducerClosed
 
-__all__ = ["KeyPartitions", "append_open", "append_record"]
+from schemas import Codec, InferenceRequest, RoutingHeaders
+
+__all__ = ["KeyPartitions", "append_open", "append_record", "send_request"]
+
+_OWN_KEY: Any = object()
+
+
+async def send_request(producer: AIOKafkaProducer, topic: str, request: InferenceRequest, codec: Codec,
+                       key: bytes | None = _OWN_KEY) -> asyncio.Future[Any]:
+    """One request built as a model, sent as a record: its encoding, its key (``request.key`` unless ``key`` is
+    given) and its routing headers (WIRE.md). How ``streamer publish`` and replay's republish send requests; the
+    client's stream and submit encode and append whole chunks instead (``StreamerClient._send``)."""
+    if key is _OWN_KEY:
+        key = request.key.encode() if request.key else None
+    future: asyncio.Future[Any] = await producer.send(topic, codec.encode_request(request), key=key,
+                                                      headers=RoutingHeaders(request.id, request.reply_to).build())
+    return future
 
 
 async def append_record(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | None, value: bytes,

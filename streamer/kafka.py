@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import _records
 from ._connect import client_kwargs, start, started, translated_errors
-from ._produce import KeyPartitions, append_open, append_record
+from ._produce import KeyPartitions, append_open, append_record, send_request
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, ConfigError, TlsFailed
 from .partitioners import make_partitioner
@@ -41,6 +41,7 @@ __all__ = [
     "partition_leaders",
     "producer",
     "require_topic",
+    "send_request",
     "start",
     "started",
     "topic_partitions",

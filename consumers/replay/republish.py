@@ -162,8 +162,7 @@ class _Sender:
             return
         req = InferenceRequest(id=old.id, model=self.model, inputs=old.inputs, key=old.key, reply_to=self.reply,
                                metadata=old.metadata)
-        await self.producer.send(self.dest, self.codec.encode_request(req), key=r.key,
-                                 headers=RoutingHeaders(req.id, req.reply_to).build())
+        await kafka.send_request(self.producer, self.dest, req, self.codec, key=r.key)  # the record's own key
 
     async def _commit(self) -> None:
         await self.producer.flush()  # acknowledged before it counts as sent

@@ -79,7 +79,6 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
-    from producers import request_headers
     from schemas import Codec, ReplyTo
 
     from .. import kafka
@@ -102,8 +101,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 except (ValueError, TypeError) as exc:
                     print(f"line {lineno}: {exc}", file=sys.stderr)
                     return 2
-                await producer.send(settings.request_topic, codec.encode_request(req),
-                                    key=req.key.encode() if req.key else None, headers=request_headers(req))
+                await kafka.send_request(producer, settings.request_topic, req, codec)
                 print(req.id, flush=True)
                 sent += 1
             await producer.flush()
