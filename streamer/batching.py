@@ -162,9 +162,9 @@ class LatencyTarget:
     The limit is never below the smallest batch that keeps the model under ``UTILISATION`` (90%) busy at that
     rate (all of ``cap`` when none does): batches too small for the load grow the queue without bound, and the
     target with it. With more queued than the limit (a backlog: the target is lost for those items already)
-    the limit is ``cap`` only if full batches cost at most ``BACKLOG_GAIN`` (80%) per item of the limit's: for
-    a model paid per item, a full batch drains a backlog no sooner and holds every item that arrives meanwhile
-    for longer.
+    the limit is ``cap`` only if full batches cost at most ``BACKLOG_GAIN`` (80%) per item of the limit's (as
+    measured: a fit over three sizes or more with a cost per item): for a model paid per item, a full batch
+    drains a backlog no sooner and holds every item that arrives meanwhile for longer.
     """
 
     def __init__(self, target_ms: float, cap: int, headroom: float = 0.8, alpha: float = 0.2) -> None:
@@ -214,7 +214,8 @@ class LatencyTarget:
 
     def _fitted(self) -> tuple[float, float, int]:
         """``(a, b, 0)``: ``t(n) = a + b n`` by least squares over the sizes seen; ``(t(n0), 0, n0)`` while one size
-        ``n0`` was seen (proportional above it); ``(0, 0, 0)`` before any. Computed once per observation: a
+        ``n0`` was seen, or the times do not grow with the size (proportional above the largest); ``(0, 0, 0)``
+        before any. Computed once per observation: a
         choice asks for ``t(n)`` at a dozen sizes before every batch."""
         sizes = sorted(self._cost)
         if not sizes:
@@ -224,7 +225,12 @@ class LatencyTarget:
         mean_n = sum(sizes) / len(sizes)
         mean_t = sum(self._cost[s] for s in sizes) / len(sizes)
         var = sum((s - mean_n) ** 2 for s in sizes)
-        slope = max(0.0, sum((s - mean_n) * (self._cost[s] - mean_t) for s in sizes) / var)
+        slope = sum((s - mean_n) * (self._cost[s] - mean_t) for s in sizes) / var
+        if slope <= 0:
+            # Times that do not grow with the batch are noise (a warm-up slowed by start-up beside one real batch),
+            # not free items: a flat line would allow any batch at all. Proportional above the largest size seen
+            # until the sizes say otherwise; each larger batch seen moves that anchor up.
+            return self._cost[sizes[-1]], 0.0, sizes[-1]
         return max(0.0, mean_t - slope * mean_n), slope, 0
 
     def choose(self, queued: int, now: float) -> Choice:
@@ -240,13 +246,25 @@ class LatencyTarget:
         limit = self._largest(lambda n: wait + 2 * t(n) <= budget)  # the largest batch the target allows
         if rate > 0 and rate * t(limit) > UTILISATION * limit:
             # Batches that small cannot keep up with the load: the queue, and the latency with it, would grow
-            # without bound. The smallest batch that keeps up (all of cap when none does).
-            limit = max(limit, self._smallest(lambda n: rate * t(n) <= UTILISATION * n))
-        if queued > limit and t(self.cap) / self.cap <= BACKLOG_GAIN * t(limit) / limit:
+            # without bound. The smallest batch that keeps up; when none does, the one that serves the most per ms
+            # of model time (all of cap for a model with a fixed cost per batch; no larger than the limit while the
+            # fit is proportional, one size seen: larger batches would gain nothing by it and only wait longer).
+            keeps_up = self._smallest(lambda n: rate * t(n) <= UTILISATION * n)
+            if rate * t(keeps_up) > UTILISATION * keeps_up:
+                keeps_up = min(range(limit, self.cap + 1), key=lambda n: (round(t(n) / n, 9), n))
+            limit = max(limit, keeps_up)
+        if queued > limit and self._per_item_known() and t(self.cap) / self.cap <= BACKLOG_GAIN * t(limit) / limit:
             # A backlog (the target is lost for some items already), and full batches drain it notably faster.
             limit = self.cap
         self.choice = Choice(BatchPolicy(limit, round(wait, 2)), t(limit), reachable)
         return self.choice
+
+    def _per_item_known(self) -> bool:
+        """Whether the fit has measured a cost per item (a line with a rising slope through three sizes or more),
+        which the backlog rule compares: two sizes are one noisy batch away from any slope."""
+        self.model_ms(1)
+        assert self._fit is not None
+        return len(self._cost) >= 3 and self._fit[1] > 0
 
     def _largest(self, fits: Callable[[int], bool]) -> int:
         """The largest n in [1, cap] that ``fits`` (fits is true up to some n, then false), at least 1."""

@@ -152,6 +152,35 @@ def test_latency_target_waits_only_under_load_and_drains_a_backlog_with_full_bat
     assert _affine(40).choose(100, 0.0).policy.max_batch_size == 32
 
 
+def test_a_backlog_takes_full_batches_only_once_a_cost_per_item_is_measured() -> None:
+    # The warm-up's 2 items slowed by start-up (9 ms), then a real batch of 7 (8.5 ms): two sizes the wrong way
+    # round fit a flat line, as if items were free. A backlog keeps the target's limit until a third size says.
+    # (Fitted flat, any batch would meet the budget: the limit was the cap, 64, which CI saw once.) Proportional
+    # above the largest size seen instead: 2 (8.5 n / 7) <= 48 gives 19.
+    lt = LatencyTarget(60, 64)
+    lt.observed(2, 9.0)
+    lt.observed(7, 8.5)
+    assert lt.choose(0, 0.0).policy.max_batch_size == 19
+    assert lt.choose(600, 0.0).policy.max_batch_size == 19
+    for _ in range(10):
+        for n in (7, 12, 20):
+            lt.observed(n, 20.0 + 0.1 * n)  # a model paid per batch: full batches cost far less per item
+    assert lt.choose(600, 0.0).policy.max_batch_size == 64
+
+
+def test_a_burst_before_a_second_size_is_seen_does_not_take_full_batches() -> None:
+    # Seeded by the warm-up alone (2 items in 6.46 ms, so proportional: 3.2 ms an item), a burst of 600/s that no
+    # batch could keep up with at that cost: larger batches would gain nothing by the fit, so the limit stays
+    # (it went to the cap, 64, when none kept up: CI saw it once). One real batch later the fit is a line.
+    lt = LatencyTarget(60, 64)
+    lt.observed(2, 6.46)
+    assert lt.choose(0, 0.0).policy.max_batch_size == 7
+    lt.arrived(600, 0.01)
+    assert lt.choose(593, 0.02).policy.max_batch_size == 7
+    lt.observed(7, 8.6)
+    assert 30 <= lt.choose(586, 0.03).policy.max_batch_size <= 40
+
+
 def test_latency_target_keeps_small_batches_when_larger_ones_gain_nothing() -> None:
     # A model whose time is mostly per item (minilm on a CPU, t(n) = 1 + 8 n ms), target 250 ms: batches of up to
     # 12 (2 t(n) <= 200). Near saturation (100/s, 0.8 of what it serves) batches of 12 still keep up (model 81%
