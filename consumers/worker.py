@@ -334,16 +334,20 @@ class Worker:
                 continue
             if self._stopping.is_set():
                 break  # not started: these records go to whoever reads the partition next
-            now = time.monotonic()
-            if self.target is not None:
-                self.target.arrived(sum(len(records) for records in batches.values()), now)
-            owned = consumer.assignment()
-            for tp, records in batches.items():
-                if tp not in owned or tp in self._revoking or (
-                        self._txn is not None and (tp in self._txn.fenced or tp in self._txn.taking)):
-                    continue
-                self.telemetry.fetched(len(records))
-                self._queue.put((tp, self._epochs[tp], now), records)
+            self._enqueue(batches)
+
+    def _enqueue(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Records fetched, into the batch queue: those of partitions still ours and readable."""
+        now = time.monotonic()
+        if self.target is not None:
+            self.target.arrived(sum(len(records) for records in batches.values()), now)
+        owned = self._consumer.assignment()
+        for tp, records in batches.items():
+            if tp not in owned or tp in self._revoking or (
+                    self._txn is not None and (tp in self._txn.fenced or tp in self._txn.taking)):
+                continue
+            self.telemetry.fetched(len(records))
+            self._queue.put((tp, self._epochs[tp], now), records)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: stop fetching while the queue is full.
@@ -360,7 +364,11 @@ class Worker:
             if not self._paused:
                 self._consumer.pause(*self._consumer.assignment())
                 self._paused = True
-            await self._consumer.getmany(timeout_ms=0)  # paused: returns nothing, resets the poll timer
+            # Paused: returns nothing and resets the poll timer; unless an exactly-once takeover resumed a
+            # partition meanwhile, and what it returns then is queued, never dropped (its offsets would be passed).
+            batches = await self._consumer.getmany(timeout_ms=0)
+            if not self._stopping.is_set():  # (stopping: not started, so whoever reads the partition next does)
+                self._enqueue(batches)
 
     def _void(self, tp: TopicPartition) -> None:
         """Exactly-once: what this worker holds of ``tp`` is void (a transaction failed, or the partition was
