@@ -118,7 +118,6 @@ class _Sender:
     async def run(self, stop: asyncio.Event) -> int:
         """Send what is left; returns how many records this run handled."""
         await kafka.start(self.settings, self.producer)
-        self.handled = 0
         try:
             await self.reader.start()  # records the plan before anything is sent
             self._next_at = self._last_commit = time.monotonic()
