@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
 import time
@@ -24,15 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_worker import BATCH, Run, machine  # noqa: E402
-from streamer.broker import LocalKafka  # noqa: E402
+from streamer.broker import LocalKafka, free_port  # noqa: E402
 
 MODEL_MS = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model_seconds(port: int) -> float:
@@ -43,7 +36,7 @@ def _model_seconds(port: int) -> float:
 
 async def once(bootstrap: str, seconds: float) -> dict[str, Any]:
     run = Run("streamer", bootstrap, "bench.standins:sleep20")
-    port = _free_port()
+    port = free_port()
     run.env = {"STREAMER_METRICS_PORT": str(port)}
     await run.start()
     try:

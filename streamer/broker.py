@@ -8,6 +8,7 @@ is a controlled shutdown. See README.md, "The local broker".
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import signal
@@ -22,7 +23,7 @@ from types import TracebackType
 from .errors import BrokerError
 from .paths import cache_dir
 
-__all__ = ["KAFKA_VERSION", "LocalKafka", "free_port", "kafka_jars"]
+__all__ = ["KAFKA_VERSION", "LocalKafka", "free_port", "free_ports", "kafka_jars"]
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
@@ -83,11 +84,19 @@ def kafka_jars(version: str = KAFKA_VERSION, root: Path | None = None) -> Path:
         staging.rename(libs)
     return libs
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now. The sockets are held open together until all are picked: ports
+    picked one at a time may repeat (the kernel may hand a port just closed out again), and a node given the
+    same port for two listeners does not start."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 class LocalKafka:
     """One KRaft node acting as broker and controller, on loopback ports.
@@ -121,12 +130,13 @@ class LocalKafka:
         # A formatted node keeps its controller endpoint (it is in the voter set), so a restart on
         # the same data directory reuses the ports it was first given unless told otherwise.
         saved = self._saved_ports()
-        self.port = port or saved.get("port") or free_port()
-        self.controller_port = controller_port or saved.get("controller_port") or free_port()
-        self.sasl_port = (saved.get("sasl_port") or free_port()) if self.scram_users else None
+        spare = free_ports(4)  # distinct from each other; a port given by the caller is its to choose
+        self.port = port or saved.get("port") or spare[0]
+        self.controller_port = controller_port or saved.get("controller_port") or spare[1]
+        self.sasl_port = (saved.get("sasl_port") or spare[2]) if self.scram_users else None
         # A PEM file with the broker's private key (PKCS#8, unencrypted) and certificate chain: an SSL listener.
         self.ssl_keystore = Path(ssl_keystore) if ssl_keystore else None
-        self.ssl_port = (saved.get("ssl_port") or free_port()) if self.ssl_keystore else None
+        self.ssl_port = (saved.get("ssl_port") or spare[3]) if self.ssl_keystore else None
         self.heap_mb = heap_mb
         self.version = version
         self.extra = extra_properties or {}

@@ -13,9 +13,9 @@ import pytest
 
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
-from streamer.broker import LocalKafka, _cluster_id, free_port
+from streamer.broker import LocalKafka, _cluster_id, free_port, free_ports
 from streamer.config import KafkaSettings
-from streamer.testing import WorkerProcess
+from streamer.testing import LocalKafkaCluster, WorkerProcess
 
 from .helpers import settings_env
 
@@ -24,6 +24,23 @@ def test_generated_cluster_ids_never_begin_with_a_dash() -> None:
     ids = [_cluster_id() for _ in range(5000)]  # without the rule, about 78 of them would
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
+
+
+def test_ports_picked_for_a_node_or_a_cluster_are_distinct() -> None:
+    # Picked one at a time, two ports of a node could be the same (CI once formatted a cluster node with
+    # PLAINTEXT and CONTROLLER both on 45137, which Kafka refuses).
+    assert len(set(free_ports(64))) == 64
+    node = LocalKafka(scram_users={"u": "p"}, ssl_keystore="unused.pem")
+    try:
+        assert len({node.port, node.controller_port, node.sasl_port, node.ssl_port}) == 4
+    finally:
+        node.stop()
+    cluster = LocalKafkaCluster(5)
+    try:
+        ports = [p for n in cluster.nodes for p in (n.port, n.controller_port)]
+        assert len(set(ports)) == 10
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.kafka
@@ -44,7 +61,7 @@ async def test_a_cluster_id_that_begins_with_a_dash_formats_and_serves() -> None
 @pytest.mark.kafka
 @pytest.mark.slow
 async def test_a_worker_started_before_its_cluster_waits_for_it(tmp_path: Path) -> None:
-    port, controller_port = free_port(), free_port()
+    port, controller_port = free_ports(2)
     settings = WorkerSettings(bootstrap_servers=f"127.0.0.1:{port}", request_topic="wait.requests",
                               results_topic="wait.results", dead_letter_topic="wait.dlq", group_id="wait")
     worker = WorkerProcess(settings_env(settings), tmp_path / "worker.log")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..broker import LocalKafka, _cluster_id, free_port
+from ..broker import LocalKafka, _cluster_id, free_ports
 from ..errors import BrokerError
 
 __all__ = ["LocalKafkaCluster", "start_on_free_ports"]
@@ -38,7 +38,8 @@ class LocalKafkaCluster:
 
     def __init__(self, nodes: int = 3, *, heap_mb: int = 320, extra_properties: dict[str, str] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="streamer-kafka-cluster-"))
-        ports = [(free_port(), free_port()) for _ in range(nodes)]
+        picked = free_ports(2 * nodes)
+        ports = list(zip(picked[::2], picked[1::2], strict=True))
         voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports, 1))
         cluster_id = _cluster_id()
         self.nodes = [
