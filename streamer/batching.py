@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ EXPECTED_ITEMS = 0.25  # a batch waits only when at least this many more items a
 LIGHT_LOAD = 0.5  # batches wait to fill only below this share of what full batches can serve
 UTILISATION = 0.9  # batches may not be so small that the model is busier than this (queues grow without bound)
 BACKLOG_GAIN = 0.8  # a backlog takes full batches only if they cost at most this share per item of the limit's
+FITTED_SIZES = 16  # the fit is over the batch sizes seen last (a median over every two of them)
 RATE_WINDOW_S = 1.0  # the arrival rate is what arrived in this last while
 
 K = TypeVar("K")
@@ -148,13 +150,16 @@ class LatencyTarget:
     worker runs, so that an item's queue wait plus its batch's model time stays under ``target_ms``.
 
     The worker reports each batch's size and model time (:meth:`observed`) and the items it fetched
-    (:meth:`arrived`). The model's time per batch is fitted as ``a + b * n`` (least squares over the sizes
-    seen, each an average of its recent batches; one size seen: proportional to the size above it, which
-    overestimates what batching gains, so the choice errs on the small side until larger batches are seen).
+    (:meth:`arrived`); a worker seeds it with the smallest and the largest batch, timed before it serves. The
+    model's time per batch is fitted as ``a + b * n`` (Theil-Sen: medians, so that a few batches held up by the
+    scheduler do not move it; over the last 16 sizes seen, each an average of its recent batches; one size seen:
+    proportional to the size above it, which overestimates what batching gains, so the choice errs on the small
+    side until larger batches are seen).
 
     With a budget of ``headroom * target_ms`` (0.8: room for the tail), an item may wait for its batch to fill,
     then for the batch ahead of it on the model, then for its own: the batch limit is the largest ``n`` (up to
-    ``cap``) with ``wait + 2 * t(n)`` within the budget. A batch waits to fill only at light load (arrivals over
+    ``cap``) with ``wait + 2 * t(n)`` within the budget. A batch waits to fill only while less than a batch of the
+    limit without a wait is queued (a burst fills it at once), at light load (arrivals over
     the last second under ``LIGHT_LOAD`` of what full batches serve) and only when another item is likely
     within the model's fixed cost per batch (the fit's intercept ``a``: ``rate * a >= 0.25``), and then for at
     most that cost (what running a batch without the next item costs again: the ski-rental rule) and what the
@@ -182,10 +187,10 @@ class LatencyTarget:
         """A batch of ``n`` items took ``model_ms`` on the model."""
         if n <= 0 or not math.isfinite(model_ms) or model_ms < 0:
             return
-        old = self._cost.get(n)
+        old = self._cost.pop(n, None)  # and in again, last: the dict's order is the order last seen
         self._cost[n] = model_ms if old is None else old + self._alpha * (model_ms - old)
         self._fit = None
-        if len(self._cost) > 64:  # keep the sizes seen last
+        if len(self._cost) > FITTED_SIZES:  # keep the sizes seen last
             self._cost.pop(next(iter(self._cost)))
 
     def arrived(self, items: int, now: float) -> None:
@@ -213,7 +218,7 @@ class LatencyTarget:
         return a + b * n if n0 == 0 else a * max(1.0, n / n0)
 
     def _fitted(self) -> tuple[float, float, int]:
-        """``(a, b, 0)``: ``t(n) = a + b n`` by least squares over the sizes seen; ``(t(n0), 0, n0)`` while one size
+        """``(a, b, 0)``: ``t(n) = a + b n`` (Theil-Sen) over the sizes seen last; ``(t(n0), 0, n0)`` while one size
         ``n0`` was seen, or the times do not grow with the size (proportional above the largest); ``(0, 0, 0)``
         before any. Computed once per observation: a
         choice asks for ``t(n)`` at a dozen sizes before every batch."""
@@ -222,28 +227,31 @@ class LatencyTarget:
             return 0.0, 0.0, 0
         if len(sizes) == 1:
             return self._cost[sizes[0]], 0.0, sizes[0]
-        mean_n = sum(sizes) / len(sizes)
-        mean_t = sum(self._cost[s] for s in sizes) / len(sizes)
-        var = sum((s - mean_n) ** 2 for s in sizes)
-        slope = sum((s - mean_n) * (self._cost[s] - mean_t) for s in sizes) / var
+        cost = self._cost
+        # Theil-Sen: the median of the slopes between every two sizes, then the median intercept. A batch held up
+        # by the scheduler (CI measured a batch of 33 at 123 ms on a 21 ms model, under load) moves a least-squares
+        # line anywhere; it moves the medians little.
+        slope = statistics.median((cost[m] - cost[n]) / (m - n) for i, n in enumerate(sizes) for m in sizes[i + 1:])
         if slope <= 0:
             # Times that do not grow with the batch are noise (a warm-up slowed by start-up beside one real batch),
             # not free items: a flat line would allow any batch at all. Proportional above the largest size seen
             # until the sizes say otherwise; each larger batch seen moves that anchor up.
             return self._cost[sizes[-1]], 0.0, sizes[-1]
-        return max(0.0, mean_t - slope * mean_n), slope, 0
+        return max(0.0, statistics.median(cost[n] - slope * n for n in sizes)), slope, 0
 
     def choose(self, queued: int, now: float) -> Choice:
         """The policy for the next batch, with ``queued`` items waiting at ``now`` (see the class doc)."""
         budget, rate, t = self.budget_ms, self.rate(now) / 1000, self.model_ms  # rate: items per ms
         reachable = 2 * t(1) <= budget
         wait = 0.0
+        limit = self._largest(lambda n: 2 * t(n) <= budget)  # the largest batch the target allows
         fixed = t(1) - (t(2) - t(1))  # a batch's cost whatever its size: what waiting for one more item saves
-        if rate * fixed >= EXPECTED_ITEMS and rate * t(self.cap) <= LIGHT_LOAD * self.cap:
+        if queued < limit and rate * fixed >= EXPECTED_ITEMS and rate * t(self.cap) <= LIGHT_LOAD * self.cap:
             # Light load, and another item is likely within a batch's fixed cost: wait for it up to that cost (what
             # running a batch without it would cost again: the ski-rental rule), within what the budget leaves.
+            # Not with a full batch queued already (a burst): it would not wait, and the limit stays as it is.
             wait = max(0.0, min(fixed, budget - 2 * t(1)))
-        limit = self._largest(lambda n: wait + 2 * t(n) <= budget)  # the largest batch the target allows
+            limit = self._largest(lambda n: wait + 2 * t(n) <= budget)
         if rate > 0 and rate * t(limit) > UTILISATION * limit:
             # Batches that small cannot keep up with the load: the queue, and the latency with it, would grow
             # without bound. The smallest batch that keeps up; when none does, the one that serves the most per ms
@@ -253,7 +261,8 @@ class LatencyTarget:
             if rate * t(keeps_up) > UTILISATION * keeps_up:
                 keeps_up = min(range(limit, self.cap + 1), key=lambda n: (round(t(n) / n, 9), n))
             limit = max(limit, keeps_up)
-        if queued > limit and self._per_item_known() and t(self.cap) / self.cap <= BACKLOG_GAIN * t(limit) / limit:
+        gain = t(self.cap) / self.cap / (t(limit) / limit)  # what a full batch costs per item, as a share
+        if wait == 0.0 and queued > limit and self._per_item_known() and gain <= BACKLOG_GAIN:
             # A backlog (the target is lost for some items already), and full batches drain it notably faster.
             limit = self.cap
         self.choice = Choice(BatchPolicy(limit, round(wait, 2)), t(limit), reachable)
