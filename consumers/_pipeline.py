@@ -4,7 +4,7 @@ The model runs batch N+1 while batch N is published and batch N+2 decoded (at mo
 batch waits); a model cheaper than a thread hop runs on the event loop (``BatchRunner``). Cheap
 batches' records are held and handed to the producer together (:meth:`Pipeline._flush`), so a
 produce request carries several batches. At-least-once: acknowledged offsets go to the ordered
-commits. Exactly-once: records go into each input partition's open transaction
+commits. Exactly-once: records go into the worker's open transaction
 (``TransactionWindows``), committed when ``transaction_ms`` is up or when nothing more is at hand.
 
 The worker (``consumers.worker``) owns the clients, the group and the fetch loop that fills the
@@ -98,7 +98,7 @@ class Pipeline:
                     # While the model runs the next batch. The records of a cheap model's batches are handed to
                     # the producer together while more are at hand (see _hold), so they share produce requests.
                     more = running is not None and not nxt.on_thread
-                    await self._publish(done, more=more)
+                    await self._publish(done, more=more, busy=running is not None)
                     done = None
                 if running is not None:
                     await self._model_done(running)
@@ -157,20 +157,22 @@ class Pipeline:
             self.runner.check(batch)
             await ready.put(batch)
 
-    async def _publish(self, batch: Batch, *, more: bool) -> None:
+    async def _publish(self, batch: Batch, *, more: bool, busy: bool = False) -> None:
         """Encode the batch's records and hold them; hand what is held to the producer (see :meth:`_flush`) once
-        no ``more`` work is at hand, or enough is held, or the first held batch has waited ``_HOLD_S``."""
+        no ``more`` work is at hand that could join them (the next batch runs inline), or enough is held, or the
+        first held batch has waited ``_HOLD_S``. ``busy``: a next batch is running (inline or on the model
+        thread), so an exactly-once transaction stays open for it."""
         self.runner.finish(batch)
         held = self._held
         held.append(batch)
         self._held_records += len(batch)
         if not more or self._held_records >= self._hold_records or time.monotonic() - held[0].started > _HOLD_S:
-            await self._flush(more=more)
+            await self._flush(more=more or busy)
 
     async def _flush(self, *, more: bool) -> None:
         """Hand the held batches' records to the producer, in order and without a pause between them, so the
         producer's sender takes them in as few requests as it can. At-least-once: their offsets go to the
-        commit task. Exactly-once: into each partition's open transaction, committed when ``transaction_ms``
+        commit task. Exactly-once: into the worker's open transaction, committed when ``transaction_ms``
         is up or at once when no ``more`` work is at hand."""
         held, self._held, self._held_records = self._held, [], 0
         for batch in held:

@@ -1,26 +1,29 @@
-"""Exactly-once delivery: results and consumed offsets in Kafka transactions, one per input partition.
+"""Exactly-once delivery: results and consumed offsets in Kafka transactions, one open at a time per worker.
 
-aiokafka's transactions lack consumer-group fencing (KIP-447), so zombies are fenced the older
-way: one transactional producer per input partition, with ``transactional.id`` =
-``<group>.<topic>.<partition>``. Whoever owns the partition next starts a producer with the same
-id; the broker then bumps the epoch, aborts the old owner's open transaction and refuses its
-later commits (``ProducerFenced``).
+One transactional producer per worker (``transactional.id`` = ``<group>.<worker>``) carries the results of all
+its partitions, and their offsets, in one transaction. Zombies are fenced by the consumer group (KIP-447): the
+offsets go to the group coordinator with the generation of the assignment they were read under
+(``_group_fencing``), which refuses them once the group has moved on, so a worker that lost its partitions
+cannot commit a transaction over them. (aiokafka alone fences by transactional id only, which takes one
+producer per input partition: four partitions were four transactions, each five round trips to the
+coordinators, that shared a two-core machine with the broker; one per worker cut the p50 at a fixed rate.)
 
-Starting that producer is also what makes the group's committed offset of the partition
-trustworthy: the broker answers it only once the previous owner's last transaction is complete
-(committed, or aborted by the fence), and that transaction may hold the partition's newest
-offset. aiokafka reads the committed offsets as soon as partitions are assigned, so a partition
-taken over (``take``) stays paused until its producer has started, then its committed offset is
-read again and the consumer seeks there (Kafka Streams before KIP-447 did the same). Read before
-the fence, a commit landing in between would be processed twice.
+A partition taken over (``take``) stays paused until the group's offset for it is stable: a previous owner's
+last transaction may still hold offsets for it, and reading the offset committed before that transaction would
+process its records twice. The offsets are fetched with ``require_stable``, which answers
+``UNSTABLE_OFFSET_COMMIT`` until that transaction is complete. A previous owner that is alive completes it when
+its partitions are revoked; one that died leaves it open. Every commit names its committer in the offsets'
+metadata, and the new owner fences that transactional id (starting a producer with that id aborts its open
+transaction) when no member of the group has it any more (the members' cards carry their ids), or when the
+offsets stay unstable for ``_FENCE_AFTER_S``: a dead owner's open transaction would otherwise hold back the
+group's offsets and every ``read_committed`` reader of its records until it timed out.
 
-A transaction spans a window of batches (like Kafka Streams' ``commit.interval.ms``): it stays
-open while the next batch is already at hand, for at most ``transaction_ms``, and is committed at
-once when the worker has nothing more to do, so light load keeps its latency and saturation does
-not pay a commit per batch. After an error whose outcome is unknown (a commit whose answer was
-lost), nothing is guessed: the producer is discarded and the partition taken over again, so the
-replacement's start settles the transaction (aborted if it was open, kept if it was committed)
-and the committed offset says where to go on.
+A transaction spans a window of batches (like Kafka Streams' ``commit.interval.ms``): it stays open while the
+next batch is already at hand, for at most ``transaction_ms``, and is committed at once when the worker has
+nothing more to do, so light load keeps its latency and saturation does not pay a commit per batch. After an
+error whose outcome is unknown (a commit whose answer was lost), nothing is guessed: the producer is discarded
+and the transaction's partitions are taken over again, so that the replacement's start settles the
+transaction (aborted if it was open, kept if it was committed) and the stable offsets say where to go on.
 """
 
 from __future__ import annotations
@@ -28,18 +31,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.producer import sender as _sender
 
 from streamer import kafka
+from streamer.assignors import MemberCard
 from streamer.config import WorkerSettings
 from streamer.errors import AuthenticationFailed, BrokerError, TlsFailed
+from streamer.status import member_cards
 
 from ._batch import Batch
+from ._group_fencing import Committed, Member, UnstableOffsets, fetch_offsets, group_commit
 from ._outbox import Delivery, Outbox
 
 __all__ = ["TransactionWindows"]
@@ -50,100 +57,113 @@ log = logging.getLogger("streamer.worker")
 # until the broker has written the commit's markers, a few ms later; aiokafka (0.14) retries it after a fixed
 # 20 ms, which was most of a transaction's time here (47 ms a cycle against 26 with 3 ms, on one broker).
 _sender.BACKOFF_OVERRIDE = 0.003
-
-
-class TransactionalProducers:
-    """One transactional producer per input partition, started (which fences the previous owner's) when needed."""
-
-    def __init__(self, settings: WorkerSettings, worker: str) -> None:
-        self.settings = settings
-        self.worker = worker
-        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
-        self._starting: dict[TopicPartition, asyncio.Future[AIOKafkaProducer]] = {}  # one start per partition
-
-    def transactional_id(self, tp: TopicPartition) -> str:
-        return f"{self.settings.group_id}.{tp.topic}.{tp.partition}"
-
-    async def get(self, tp: TopicPartition) -> AIOKafkaProducer:
-        producer = self._producers.get(tp)
-        if producer is not None:
-            return producer
-        starting = self._starting.get(tp)
-        if starting is None:  # two starts of one id would fence each other
-            starting = self._starting[tp] = asyncio.ensure_future(self._start(tp))
-            starting.add_done_callback(lambda _f: self._starting.pop(tp, None))
-        return await asyncio.shield(starting)
-
-    async def _start(self, tp: TopicPartition) -> AIOKafkaProducer:
-        # A short transaction timeout bounds how long a frozen owner's open transaction can hold
-        # back read_committed readers when nothing else aborts it.
-        producer = kafka.producer(self.settings, transactional_id=self.transactional_id(tp),
-                                  client_id=f"{self.settings.client_id}-txn-{self.worker}",
-                                  transaction_timeout_ms=max(10_000, 2 * self.settings.session_timeout_ms),
-                                  max_batch_size=self.settings.producer_batch_bytes,
-                                  request_timeout_ms=self.settings.produce_timeout_ms)
-        await kafka.start(self.settings, producer)  # fences any older producer of this id, aborts its open transaction
-        self._producers[tp] = producer
-        return producer
-
-    async def discard(self, tp: TopicPartition) -> None:
-        starting = self._starting.pop(tp, None)
-        if starting is not None:
-            await asyncio.gather(starting, return_exceptions=True)
-        producer = self._producers.pop(tp, None)
-        if producer is not None:
-            try:
-                await asyncio.wait_for(producer.stop(), self.settings.shutdown_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - it is being thrown away
-                log.warning("closing the producer of %s failed: %r", tp, exc)
-
-    async def close(self) -> None:
-        for tp in list(self._producers):
-            await self.discard(tp)
+# How long a partition's offsets may stay unstable before the transactional id that last committed them is
+# fenced: a live previous owner completes its transaction when its partitions are revoked, well within this.
+_FENCE_AFTER_S = 2.0
 
 
 @dataclass(slots=True)
 class _Window:
     producer: AIOKafkaProducer
-    last: int  # the last offset the transaction covers
     opened: float  # time.monotonic()
+    last: dict[TopicPartition, int] = field(default_factory=dict)  # the last offset covered, per partition
     sent: list[Delivery] = field(default_factory=list)
     broken: bool = False  # a publish into it was interrupted: it may hold records past ``last``; never commit it
 
 
 class TransactionWindows:
-    """The open transaction of each input partition, from its first batch to its commit.
+    """The worker's open transaction, from its first batch to its commit, and the takeover of partitions.
 
-    ``void(tp)`` is the worker's: forget what it holds of ``tp`` (a transaction failed, or the partition was
-    fenced); what is read of it next comes through ``take``.
+    ``void(tp)`` is the worker's: forget what it holds of ``tp`` (a transaction failed); what is read of it next
+    comes through ``take``.
     """
 
     def __init__(self, settings: WorkerSettings, worker: str, outbox: Outbox, consumer: AIOKafkaConsumer,
                  void: Callable[[TopicPartition], None]) -> None:
         self.settings = settings
-        self.producers = TransactionalProducers(settings, worker)
+        # Unique per process: a worker started again must not fence the one before it by id (a zombie could
+        # fence it back); a dead one's open transaction is fenced through the offsets' metadata instead.
+        self.transactional_id = f"{settings.group_id}.{worker}.{uuid.uuid4().hex[:8]}"
         self.outbox = outbox
         self.consumer = consumer
         self.void = void
-        self.fenced: set[TopicPartition] = set()  # partitions a newer owner took from us
-        self.taking: dict[TopicPartition, asyncio.Task[None]] = {}  # paused until fenced and positioned
+        self.member = Member(-1, "", settings.group_instance_id)  # as of the assignment in hand
+        self.taking: dict[TopicPartition, asyncio.Task[None]] = {}  # paused until their offsets are stable
         self.error: BaseException | None = None  # a takeover that cannot succeed: the worker stops with it
-        self._open: dict[TopicPartition, _Window] = {}
+        self._producer: AIOKafkaProducer | None = None
+        self._starting: asyncio.Future[AIOKafkaProducer] | None = None
+        self._window: _Window | None = None
         self._span_s = settings.transaction_ms / 1000
         self.committed = 0  # transactions committed
+        self.fenced_others = 0  # transactional ids of previous owners fenced in a takeover
         self._lock = asyncio.Lock()
 
+    # -- the producer -------------------------------------------------------------------------------------
+    async def producer(self) -> AIOKafkaProducer:
+        """The worker's transactional producer, started (which settles its id's last transaction) if need be."""
+        if self._producer is not None:
+            return self._producer
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        starting = self._starting
+        try:
+            return await asyncio.shield(starting)
+        finally:
+            if starting.done() and self._starting is starting:
+                self._starting = None
+
+    async def _start(self) -> AIOKafkaProducer:
+        producer = self._new_producer(self.transactional_id)
+        group_commit(producer, lambda: self.member, self.transactional_id)
+        try:
+            await kafka.start(self.settings, producer)
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+        return producer
+
+    def _new_producer(self, transactional_id: str) -> AIOKafkaProducer:
+        # A short transaction timeout bounds how long a frozen owner's open transaction can hold back
+        # read_committed readers when nothing else aborts it.
+        return kafka.producer(self.settings, transactional_id=transactional_id,
+                              client_id=f"{self.settings.client_id}-txn",
+                              transaction_timeout_ms=max(10_000, 2 * self.settings.session_timeout_ms),
+                              max_batch_size=self.settings.producer_batch_bytes,
+                              request_timeout_ms=self.settings.produce_timeout_ms)
+
+    async def _discard(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            await asyncio.gather(starting, return_exceptions=True)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), self.settings.shutdown_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - it is being thrown away
+                log.warning("closing the transactional producer failed: %r", exc)
+
+    async def _fence(self, transactional_id: str, why: str) -> None:
+        """Start and stop a producer with a previous owner's id: its open transaction is aborted."""
+        log.warning("fencing %s, the last to commit partitions taken over: %s", transactional_id, why)
+        producer = self._new_producer(transactional_id)
+        try:
+            await kafka.start(self.settings, producer)
+        finally:
+            await producer.stop()
+        self.fenced_others += 1
+
     # -- taking partitions over ---------------------------------------------------------------------------
+    def assigned(self, member: Member, tps: Iterable[TopicPartition]) -> None:
+        """A new assignment: its offsets are committed as ``member``; ``tps`` are taken over."""
+        self.member = member
+        self.take(tps)
+
     def take(self, tps: Iterable[TopicPartition]) -> None:
-        """Read ``tps`` only once their producers started (fencing the previous owners, completing their last
-        transactions) and from the offsets committed by then. Taken over together: producers start side by side,
-        and the partitions become readable at once, so that the first fetch serves them all (resumed one by one,
-        the first could fill the queue while the others wait)."""
-        todo = []
-        for tp in tps:
-            self.fenced.discard(tp)
-            if tp not in self.taking:
-                todo.append(tp)
+        """Read ``tps`` only from offsets that no open transaction is about to move. Taken over together, and
+        readable at once, so that the first fetch serves them all (resumed one by one, the first could fill the
+        queue while the others wait)."""
+        todo = [tp for tp in tps if tp not in self.taking]
         if not todo:
             return
         self.consumer.pause(*todo)
@@ -156,9 +176,9 @@ class TransactionWindows:
         try:
             while True:
                 try:
-                    # Each start returns once the previous owner's transaction is complete.
-                    await asyncio.gather(*(self.producers.get(tp) for tp in tps))
-                    committed = await asyncio.gather(*(self.consumer.committed(tp) for tp in tps))
+                    await self.producer()  # settles our own last transaction, if it was left open
+                    await self._fence_the_gone(tps)
+                    committed = await self._stable_offsets(tps)
                     break
                 except (KafkaError, BrokerError) as exc:
                     # A cluster that does not answer now (a broker restarting) is waited for, as the consumer
@@ -166,17 +186,18 @@ class TransactionWindows:
                     waiting = isinstance(exc, KafkaTimeoutError) or getattr(exc, "retriable", True)
                     if isinstance(exc, AuthenticationFailed | TlsFailed) or not waiting:
                         raise
-                    log.warning("%s: starting their transactional producers failed (%s); retrying in %.1f s",
+                    log.warning("%s: taking them over failed (%s); retrying in %.1f s",
                                 ", ".join(f"{tp.topic}-{tp.partition}" for tp in tps), exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(2 * backoff, 2.0)
-            for tp, offset in zip(tps, committed, strict=True):
+            for tp in tps:
                 if tp not in self.consumer.assignment():
                     continue
-                if offset is None:
+                at = committed.get(tp)
+                if at is None:
                     await self.consumer.seek_to_beginning(tp)  # as a worker's consumer resets (streamer.kafka)
                 else:
-                    self.consumer.seek(tp, offset)
+                    self.consumer.seek(tp, at)
             mine = self.consumer.assignment()  # as of now: the seeks above may have waited
             self.consumer.resume(*(tp for tp in tps if tp in mine))
         except Exception as exc:  # noqa: BLE001 - handed to the worker's fetch loop, which stops with it
@@ -186,6 +207,48 @@ class TransactionWindows:
             for tp in tps:
                 if self.taking.get(tp) is asyncio.current_task():
                     del self.taking[tp]
+
+    async def _fence_the_gone(self, tps: list[TopicPartition]) -> None:
+        """Fence the transactional ids that last committed ``tps`` (the offsets' metadata) and that no member of
+        the group has any more: a worker that died (or was expelled) may have left a transaction open, whose
+        records hold back every ``read_committed`` reader of their partitions until it times out (SIGKILLed
+        workers held results back 12-15 s so). A live previous owner completed its transaction on revoke."""
+        before = await self._fetch(tps, stable=False)
+        owners = {c.metadata for c in before.values() if c is not None and c.metadata} - {self.transactional_id}
+        if not owners:
+            return
+        live = {card.txn for card in await self._members()}
+        for owner in sorted(owners - live):
+            await self._fence(owner, "no member of the group has it")
+
+    async def _members(self) -> list[MemberCard]:
+        return await member_cards(self.settings, self.settings.group_id)
+
+    async def _stable_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """The group's offsets of ``tps`` once no open transaction holds any: waited for while their owners may
+        complete them, then their transactional ids (the offsets' metadata) fenced."""
+        fence_at = time.monotonic() + _FENCE_AFTER_S
+        fenced: set[str] = set()
+        while True:
+            mine = self.consumer.assignment()
+            tps = [tp for tp in tps if tp in mine]  # never wait on, or fence for, a partition gone to another
+            if not tps:
+                return {}
+            try:
+                stable = await self._fetch(tps, stable=True)
+                return {tp: None if c is None else c.offset for tp, c in stable.items()}
+            except UnstableOffsets as exc:
+                if time.monotonic() >= fence_at:
+                    before = await self._fetch(exc.tps or tps, stable=False)
+                    owners = {c.metadata for c in before.values() if c is not None and c.metadata}
+                    for owner in sorted(owners - fenced - {self.transactional_id}):
+                        await self._fence(owner, f"its offsets stayed in an open transaction {_FENCE_AFTER_S:g} s")
+                        fenced.add(owner)
+                    fence_at = time.monotonic() + _FENCE_AFTER_S
+                await asyncio.sleep(0.02)
+
+    async def _fetch(self, tps: list[TopicPartition], *, stable: bool) -> dict[TopicPartition, Committed | None]:
+        return await fetch_offsets(self.consumer, self.settings.group_id, tps, stable=stable)
 
     async def _stop_taking(self, tps: Iterable[TopicPartition]) -> None:
         """Stop taking ``tps`` over (revoked, or the worker stops). Partitions taken over together with them that
@@ -201,62 +264,57 @@ class TransactionWindows:
         if others:
             self.take(others)
 
+    # -- the window -----------------------------------------------------------------------------------------
     async def publish(self, batch: Batch, current_epoch: Callable[[TopicPartition], int]) -> None:
-        """Send each partition's outputs in its open transaction (opened here if none is)."""
-        by_tp: dict[TopicPartition, list[int]] = {}
-        for i in range(len(batch)):
-            by_tp.setdefault(batch.tp(i), []).append(i)
+        """Send the batch's outputs in the open transaction (opened here if none is)."""
         epochs = {run.tp: run.epoch for run in batch.runs}
-        for tp, idx in by_tp.items():
-            if epochs[tp] != current_epoch(tp) or tp in self.fenced or tp in self.taking:
-                continue  # revoked, fenced or voided since it was fetched: whoever reads it next does it
-            last = batch.records[idx[-1]].offset
-            w = self._open.get(tp)
+        live = {tp for tp, epoch in epochs.items() if epoch == current_epoch(tp) and tp not in self.taking}
+        if not live:
+            return  # revoked or voided since it was fetched: whoever reads it next does it
+        idx = [i for i in range(len(batch)) if batch.tp(i) in live]
+        w = self._window
+        try:
+            if w is None:
+                producer = await self.producer()
+                await producer.begin_transaction()
+                w = self._window = _Window(producer, time.monotonic())
             try:
-                if w is None:
-                    producer = await self.producers.get(tp)
-                    await producer.begin_transaction()
-                    w = self._open[tp] = _Window(producer, last, time.monotonic())
-                try:
-                    w.sent += await self.outbox.publish(batch, w.producer, idx)
-                except BaseException:
-                    w.broken = True
-                    raise
-                w.last = last
-            except KafkaError as exc:
-                await self._failed(tp, exc)
+                w.sent += await self.outbox.publish(batch, w.producer, idx)
+            except BaseException:
+                w.broken = True
+                raise
+            for i in idx:
+                w.last[batch.tp(i)] = batch.records[i].offset
+        except KafkaError as exc:
+            await self._failed(exc, live)
 
     def left_s(self) -> float | None:
-        """Seconds until the oldest open transaction is due for its commit (None: none is open)."""
-        if not self._open:
-            return None
-        return max(0.0, min(w.opened for w in self._open.values()) + self._span_s - time.monotonic())
+        """Seconds until the open transaction is due for its commit (None: none is open)."""
+        w = self._window
+        return None if w is None else max(0.0, w.opened + self._span_s - time.monotonic())
 
     def due(self) -> bool:
-        """Whether a transaction has been open for ``transaction_ms``."""
+        """Whether the transaction has been open for ``transaction_ms``."""
         return self.left_s() == 0.0
 
-    async def commit(self, tps: Iterable[TopicPartition] | None = None) -> None:
-        """Commit the open transactions (of ``tps``, default all): their records, then their offsets."""
+    async def commit(self) -> None:
+        """Commit the open transaction: its records, then its offsets."""
         async with self._lock:  # a revoke's release and the process loop may both commit
-            await self._commit(tps)
-
-    async def _commit(self, tps: Iterable[TopicPartition] | None) -> None:
-        """Each partition's transaction has its own producer: they commit side by side, not one after another."""
-        todo = [(tp, self._open.pop(tp)) for tp in list(self._open if tps is None else tps) if tp in self._open]
-        await asyncio.gather(*(self._commit_one(tp, w) for tp, w in todo))
-
-    async def _commit_one(self, tp: TopicPartition, w: _Window) -> None:
-        if w.broken:
-            await self._failed(tp, KafkaError("a publish into the transaction was interrupted"))
-            return
-        try:
-            await self._delivered(w.sent, w.producer)
-            await w.producer.send_offsets_to_transaction({tp: w.last + 1}, self.settings.group_id)
-            await w.producer.commit_transaction()
-            self.committed += 1
-        except KafkaError as exc:
-            await self._failed(tp, exc)
+            w, self._window = self._window, None
+            if w is None:
+                return
+            if w.broken:
+                await self._failed(KafkaError("a publish into the transaction was interrupted"), set(w.last))
+                return
+            try:
+                await self._delivered(w.sent, w.producer)
+                if w.last:
+                    await w.producer.send_offsets_to_transaction({tp: last + 1 for tp, last in w.last.items()},
+                                                                 self.settings.group_id)
+                await w.producer.commit_transaction()
+                self.committed += 1
+            except KafkaError as exc:
+                await self._failed(exc, set(w.last))
 
     async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
@@ -268,31 +326,30 @@ class TransactionWindows:
                 await self.outbox.learn(delivery, answer, producer)
                 raise answer
 
-    async def _failed(self, tp: TopicPartition, exc: KafkaError) -> None:
-        self._open.pop(tp, None)
-        await self.producers.discard(tp)
-        self.void(tp)
-        if isinstance(exc, ProducerFenced):
-            # A newer owner of the partition started its producer: we are a zombie for this one. Never start a
-            # producer for it again until the group assigns it to us anew: that would fence the rightful owner.
-            log.warning("%s: fenced by a newer owner; dropping its queued records", tp)
-            self.fenced.add(tp)
-        else:
-            # Unknown outcome: never guess. Take the partition over again: the new producer's start aborts the
-            # transaction if it is still open, and the committed offset then says where to go on.
-            log.warning("%s: transaction failed (%r); settling it and going on from the committed offset", tp, exc)
-            self.take([tp])
+    async def _failed(self, exc: KafkaError, tps: set[TopicPartition]) -> None:
+        """Unknown outcome, or refused (the group moved on, another owner fenced this worker's id): never guess.
+        The producer goes, and ``tps`` are taken over again: the next producer's start aborts the transaction if
+        it is still open, and the stable offsets then say where to go on."""
+        if self._window is not None:
+            tps |= set(self._window.last)
+            self._window = None
+        log.warning("transaction failed (%r); settling it and going on from the committed offsets of %s", exc,
+                    sorted(f"{tp.topic}-{tp.partition}" for tp in tps))
+        await self._discard()
+        for tp in tps:
+            self.void(tp)
+        mine = self.consumer.assignment()
+        self.take([tp for tp in tps if tp in mine])
 
     async def release(self, tps: Iterable[TopicPartition]) -> None:
-        """Partitions taken from us: commit what is open for them, then close their producers."""
+        """Partitions taken from us: commit what is open (a rebalance takes all of them). A commit that fails
+        here (the group moved on already) starts no takeover of them: their next owner reads them."""
         tps = list(tps)
         await self._stop_taking(tps)
-        async with self._lock:
-            await self._commit([tp for tp in tps if tp in self._open])
-            for tp in tps:
-                await self.producers.discard(tp)
+        await self.commit()
+        await self._stop_taking(tps)
 
     async def close(self) -> None:
         await self._stop_taking(list(self.taking))
         await self.commit()
-        await self.producers.close()
+        await self._discard()

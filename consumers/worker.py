@@ -37,6 +37,7 @@ from streamer.tracing import WorkerTracing, tracing
 
 from ._batch import Route, RunStats
 from ._commit import ConsumerCommitter, OrderedCommits
+from ._group_fencing import member_of
 from ._inference import BatchRunner
 from ._outbox import Outbox
 from ._pipeline import Key, Pipeline
@@ -138,7 +139,7 @@ class Worker:
         """What this member tells its group (read at each join): see streamer.assignors."""
         return MemberCard(self.settings.group_instance_id or self.name, self._advertised_capacity() or None,
                           self.model.name, str(self.runner.model.version), self.metrics.port,
-                          self.settings.traffic_share)
+                          self.settings.traffic_share, self._txn.transactional_id if self._txn is not None else None)
 
     def _seed_target(self, full: float | None) -> None:
         """The latency target's first fit, from the smallest and the largest batch timed before serving (best of
@@ -322,7 +323,8 @@ class Worker:
         self._revoking = set()
         self._paused = False
         if self._txn is not None:
-            self._txn.take(assigned)  # paused until each is fenced and positioned
+            # Paused until their offsets are stable; the transactions' offsets go as this generation's member.
+            self._txn.assigned(member_of(self._consumer, self.settings.group_instance_id), assigned)
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
 
     # -- background tasks ----------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ class Worker:
         owned = self._consumer.assignment()
         for tp, records in batches.items():
             if tp not in owned or tp in self._revoking or (
-                    self._txn is not None and (tp in self._txn.fenced or tp in self._txn.taking)):
+                    self._txn is not None and tp in self._txn.taking):
                 continue
             self.telemetry.fetched(len(records))
             self._queue.put((tp, self._epochs[tp], now), records)

@@ -56,11 +56,14 @@ class MemberCard:
     metrics_port: int | None = None
     share: float | None = None
     """Canary: the part of the partitions this member asks for (capacity assignor); None: a regular member."""
+    txn: str | None = None
+    """Exactly-once: the member's transactional id (a new owner of its partitions fences ids no member has)."""
 
     def encode(self) -> bytes:
         data: dict[str, Any] = {"v": 1, "id": self.id, "capacity": round(self.capacity or 0.0, 3)}
         data.update({k: v for k, v in (("model", self.model), ("version", self.version),
-                                       ("metrics", self.metrics_port), ("share", self.share)) if v is not None})
+                                       ("metrics", self.metrics_port), ("share", self.share), ("txn", self.txn))
+                     if v is not None})
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -86,6 +89,7 @@ class MemberCard:
             version=data["version"] if isinstance(data.get("version"), str) else None,
             metrics_port=port if isinstance(port, int) and 0 < port < 65536 else None,
             share=float(share) if isinstance(share, int | float) and 0 < share < 1 else None,
+            txn=data["txn"] if isinstance(data.get("txn"), str) else None,
         )
 
 

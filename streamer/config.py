@@ -59,7 +59,7 @@ class WorkerSettings(KafkaSettings):
     )
     transaction_ms: float = Field(
         default=100.0, ge=0, le=60_000,
-        description="exactly-once: how long one transaction per input partition may span batches while more "
+        description="exactly-once: how long the worker's transaction may span batches while more "
                     "are ready (like Kafka Streams' commit.interval.ms); an idle worker commits at once",
     )
     model: str = Field(default="tiny-mlp", min_length=1)

@@ -19,7 +19,7 @@ from . import kafka
 from .assignors import MemberCard
 from .config import KafkaSettings
 
-__all__ = ["GroupStatus", "MemberStatus", "PartitionStatus", "group_status"]
+__all__ = ["GroupStatus", "MemberStatus", "PartitionStatus", "group_status", "member_cards"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,17 @@ class GroupStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_lag": self.total_lag}
+
+
+async def member_cards(settings: KafkaSettings, group_id: str) -> list[MemberCard]:
+    """The cards of the group's members now (members without one left out)."""
+    async with kafka.admin(settings) as admin:
+        response = (await admin.describe_consumer_groups([group_id]))[0]
+    cards = []
+    for _member_id, _client_id, _host, metadata, _assignment in response.groups[0][5]:
+        if metadata and (card := MemberCard.decode(ConsumerProtocolMemberMetadata.decode(metadata).user_data)):
+            cards.append(card)
+    return cards
 
 
 async def group_status(settings: KafkaSettings, group_id: str, topics: list[str] | None = None, *,

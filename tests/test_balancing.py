@@ -90,8 +90,11 @@ def test_member_card_is_plain_json_and_reads_what_anyone_sends() -> None:
     for foreign in (b"", b"\x00\x01", b"[1]", b"null"):
         assert MemberCard.decode(foreign) is None
     # Another implementation's card with fields of the wrong type: those fields are left out.
-    odd = json.dumps({"id": 7, "capacity": "fast", "model": ["m"], "version": 2, "metrics": 70000}).encode()
+    odd = json.dumps({"id": 7, "capacity": "fast", "model": ["m"], "version": 2, "metrics": 70000,
+                      "txn": 3}).encode()
     assert MemberCard.decode(odd) == MemberCard("7")
+    eos = MemberCard("w", txn="g.w.1a2b")  # an exactly-once worker names its transactional id
+    assert json.loads(eos.encode())["txn"] == "g.w.1a2b" and MemberCard.decode(eos.encode()) == eos
 
 
 def test_capacity_offers_round_robin_too_and_every_assignor_carries_the_card() -> None:

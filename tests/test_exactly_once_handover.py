@@ -1,8 +1,8 @@
 """Exactly-once at the two moments a partition changes hands, in process on the real broker, each made to happen
 at its worst time instead of waiting for a broker kill to line it up (tests/faults does that, at random):
 
-- a new owner must read where to start only after its transactional producer fenced the previous owner, because
-  fencing is what completes the previous owner's last transaction (and its offsets with it);
+- a new owner must read where to start only once no open transaction of the previous owner holds offsets of the
+  partition (waited for while the previous owner may complete it; fenced when it is dead);
 - a transaction whose commit succeeded but whose answer was lost must not be redone.
 
 Both count the results a read_committed reader sees: each request answered once.
@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from consumers import Worker
+from consumers._group_fencing import UnstableOffsets
 from producers import StreamerClient, request_headers
 from schemas import Codec, InferenceRequest
 from streamer import ClientSettings, WorkerSettings, kafka
@@ -40,46 +41,55 @@ async def _answers(ws: WorkerSettings, expected: int, topic: str | None = None, 
             return ids
 
 
-async def test_a_new_owner_starts_where_its_predecessor_committed_while_it_took_over(
-    created_topics: WorkerSettings,
-) -> None:
-    """The previous owner of partition 0 answered r0-r4 and put offset 5 in the same transaction; its commit
-    lands after the new owner's consumer read the group's offsets (none yet) and before the new owner fenced it.
-    Read before the fence, the new owner would answer r0-r4 again."""
-    ws = created_topics.model_copy(update={"delivery": "exactly-once"})
-    tp0 = TopicPartition(ws.request_topic, 0)
+async def _requests(ws: WorkerSettings, n: int, seed: int) -> None:
+    """``n`` requests r0..r(n-1) to partition 0."""
     codec = Codec()
-    inputs = load_model("tiny-mlp", "cpu").example_inputs(10, seed=8)
     producer = kafka.producer(ws)
     await producer.start()
     try:
-        for i, x in enumerate(inputs):
+        for i, x in enumerate(load_model("tiny-mlp", "cpu").example_inputs(n, seed=seed)):
             request = InferenceRequest(id=f"r{i}", model="tiny-mlp", inputs=x)
             await producer.send_and_wait(ws.request_topic, codec.encode_request(request), partition=0,
                                          headers=request_headers(request))
     finally:
         await producer.stop()
-    previous = kafka.producer(ws, transactional_id=f"{ws.group_id}.{ws.request_topic}.0")
+
+
+async def _previous_owner(ws: WorkerSettings, txn_id: str, answered: range, offset: int) -> AIOKafkaProducer:
+    """A previous owner of partition 0 with its transaction open: answers for ``answered``, offsets up to
+    ``offset`` (with its id as their metadata, as a worker commits them)."""
+    previous = kafka.producer(ws, transactional_id=txn_id)
     await previous.start()
     await previous.begin_transaction()
-    for i in range(5):
+    for i in answered:
         await previous.send(ws.results_topic, b"answered by the previous owner",
                             headers=[("streamer-request-id", f"r{i}".encode())])
-    await previous.send_offsets_to_transaction({tp0: 5}, ws.group_id)
+    await previous.send_offsets_to_transaction({TopicPartition(ws.request_topic, 0): (offset, txn_id)}, ws.group_id)
+    return previous
 
+
+async def test_a_new_owner_waits_for_its_predecessors_open_transaction(created_topics: WorkerSettings) -> None:
+    """The previous owner of partition 0 answered r0-r4 and put offset 5 in the same transaction, still open when
+    the new owner takes over; it commits a moment later. Read before it completed, the group's offset (none yet)
+    would have the new owner answer r0-r4 again."""
+    ws = created_topics.model_copy(update={"delivery": "exactly-once"})
+    await _requests(ws, 10, seed=8)
+    previous = await _previous_owner(ws, f"{ws.group_id}.previous", range(5), 5)
     worker = Worker(ws)
     assert worker._txn is not None
-    start = worker._txn.producers._start
-    late: list[float] = []
+    fetch = worker._txn._fetch
+    unstable: list[float] = []
 
-    async def commit_late_then_start(tp: TopicPartition) -> AIOKafkaProducer:
-        if tp == tp0 and not late:
-            await asyncio.sleep(0.5)  # the group's offsets are read by now: none committed for partition 0
-            await previous.commit_transaction()
-            late.append(time.monotonic())
-        return await start(tp)
+    async def commit_once_seen_unstable(tps: list[TopicPartition], *, stable: bool) -> Any:
+        try:
+            return await fetch(tps, stable=stable)
+        except UnstableOffsets:
+            if not unstable:
+                unstable.append(time.monotonic())
+                await previous.commit_transaction()
+            raise
 
-    worker._txn.producers._start = commit_late_then_start  # type: ignore[method-assign]
+    worker._txn._fetch = commit_once_seen_unstable  # type: ignore[method-assign]
     await worker.start()
     try:
         ids = await _answers(ws, 10)
@@ -87,8 +97,40 @@ async def test_a_new_owner_starts_where_its_predecessor_committed_while_it_took_
         await worker.stop()
         await previous.stop()
     ids = await _answers(ws, 10)
-    assert late, "the previous owner's commit was not made to land during the takeover"
+    assert unstable, "the takeover did not see the previous owner's transaction open"
     assert ids == Counter({f"r{i}": 1 for i in range(10)}), ids
+
+
+async def test_a_dead_predecessors_open_transaction_is_fenced_and_its_records_done_again(
+    created_topics: WorkerSettings,
+) -> None:
+    """The previous owner committed r0-r2 (offset 3), then died with r3-r4 and offset 5 in an open transaction.
+    The new owner fences it by the id in the offsets' metadata (its transaction aborts), not waiting for the
+    transaction to time out, and answers r3-r9: each request answered once."""
+    ws = created_topics.model_copy(update={"delivery": "exactly-once"})
+    await _requests(ws, 10, seed=8)
+    dead_id = f"{ws.group_id}.dead"
+    previous = await _previous_owner(ws, dead_id, range(3), 3)
+    await previous.commit_transaction()
+    await previous.begin_transaction()
+    for i in (3, 4):
+        await previous.send(ws.results_topic, b"answered by the previous owner, then it died",
+                            headers=[("streamer-request-id", f"r{i}".encode())])
+    await previous.send_offsets_to_transaction({TopicPartition(ws.request_topic, 0): (5, dead_id)}, ws.group_id)
+    worker = Worker(ws)
+    assert worker._txn is not None
+    t0 = time.monotonic()
+    await worker.start()
+    try:
+        ids = await _answers(ws, 10)
+        took = time.monotonic() - t0
+    finally:
+        await worker.stop()
+        await previous.stop()
+    ids = await _answers(ws, 10)
+    assert worker._txn.fenced_others == 1
+    assert ids == Counter({f"r{i}": 1 for i in range(10)}), ids
+    assert took < 10, f"{took:.1f} s: waited for the transaction timeout instead of fencing"
 
 
 async def test_a_commit_whose_answer_is_lost_is_not_redone(
@@ -99,23 +141,23 @@ async def test_a_commit_whose_answer_is_lost_is_not_redone(
     ws = created_topics.model_copy(update={"delivery": "exactly-once", "max_batch_size": 8})
     worker = Worker(ws)
     assert worker._txn is not None
-    start = worker._txn.producers._start
-    lost: list[TopicPartition] = []
+    start = worker._txn._start
+    lost: list[bool] = []
 
-    async def answer_lost_once(tp: TopicPartition) -> AIOKafkaProducer:
-        producer = await start(tp)
+    async def answer_lost_once() -> AIOKafkaProducer:
+        producer = await start()
         commit = producer.commit_transaction
 
         async def commit_then_lose_the_answer() -> Any:
             await commit()
             if not lost:
-                lost.append(tp)
+                lost.append(True)
                 raise KafkaTimeoutError("the commit's answer was lost (test)")
 
         producer.commit_transaction = commit_then_lose_the_answer  # type: ignore[method-assign]
         return producer
 
-    worker._txn.producers._start = answer_lost_once  # type: ignore[method-assign]
+    worker._txn._start = answer_lost_once  # type: ignore[method-assign]
     await worker.start()
     inputs = load_model("tiny-mlp", "cpu").example_inputs(60, seed=9)
     stopped = False
