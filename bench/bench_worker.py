@@ -76,6 +76,7 @@ class Run:
                                        max_wait_ms=0.0 if variant == "streamer-nowait" else WAIT_MS)
         self.procs: list[asyncio.subprocess.Process] = []
         self.env: dict[str, str] = {}  # more environment for the serving processes
+        self.cwd: str | None = None  # where the serving processes start (a checkout of other code: --baseline)
         self.keys = 64  # distinct request keys, cycled
         self.codec = Codec()
         m = load_model(model, "cpu")  # tiny-mlp's inputs serve the stand-ins too
@@ -144,7 +145,8 @@ max_wait_ms = {WAIT_MS}
                 for name in ("REQUEST_TOPIC", "DEAD_LETTER_TOPIC", "GROUP_ID", "MODEL"):
                     env.pop(f"STREAMER_{name}", None)  # the spec names these
         for cmd, group in self._commands():
-            self.procs.append(await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.DEVNULL,
+            self.procs.append(await asyncio.create_subprocess_exec(*cmd, env=env, cwd=self.cwd,
+                                                                   stdout=asyncio.subprocess.DEVNULL,
                                                                    stderr=asyncio.subprocess.DEVNULL))
             await kafka.wait_for_group(s, group, 1, timeout_s=120)
 
