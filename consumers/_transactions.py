@@ -271,7 +271,8 @@ class TransactionWindows:
         live = {tp for tp, epoch in epochs.items() if epoch == current_epoch(tp) and tp not in self.taking}
         if not live:
             return  # revoked or voided since it was fetched: whoever reads it next does it
-        idx = [i for i in range(len(batch)) if batch.tp(i) in live]
+        # All of the batch, as a rule: a list of its items only when some of its partitions were voided.
+        idx = None if len(live) == len(epochs) else [i for i in range(len(batch)) if batch.tp(i) in live]
         w = self._window
         try:
             if w is None:
@@ -283,8 +284,9 @@ class TransactionWindows:
             except BaseException:
                 w.broken = True
                 raise
-            for i in idx:
-                w.last[batch.tp(i)] = batch.records[i].offset
+            for run in batch.runs:  # in offset order: the last run of a partition has its last offset
+                if run.tp in live:
+                    w.last[run.tp] = run.records[-1].offset
         except KafkaError as exc:
             await self._failed(exc, live)
 
