@@ -261,8 +261,8 @@ class LatencyTarget:
             if rate * t(keeps_up) > UTILISATION * keeps_up:
                 keeps_up = min(range(limit, self.cap + 1), key=lambda n: (round(t(n) / n, 9), n))
             limit = max(limit, keeps_up)
-        gain = t(self.cap) / self.cap / (t(limit) / limit)  # what a full batch costs per item, as a share
-        if wait == 0.0 and queued > limit and self._per_item_known() and gain <= BACKLOG_GAIN:
+        if (wait == 0.0 and queued > limit and self._per_item_known()
+                and t(self.cap) / self.cap <= BACKLOG_GAIN * t(limit) / limit):
             # A backlog (the target is lost for some items already), and full batches drain it notably faster.
             limit = self.cap
         self.choice = Choice(BatchPolicy(limit, round(wait, 2)), t(limit), reachable)

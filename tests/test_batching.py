@@ -226,3 +226,11 @@ def test_a_few_batches_held_up_by_the_scheduler_do_not_move_the_fit() -> None:
     assert lt.model_ms(1) - lt.model_ms(0) == pytest.approx(0.55, abs=0.01)
     lt.arrived(600, 0.0)
     assert lt.choose(256, 0.1).policy == BatchPolicy(33, 0.0)
+
+
+def test_a_choice_before_any_batch_was_timed_does_not_fail() -> None:
+    # A model without example inputs is timed by nothing before it serves: the first choice has no fit at all
+    # (a division by its zero cost per item stopped the pipeline in a draft of the backlog rule).
+    lt = LatencyTarget(60, 64)
+    lt.arrived(600, 0.0)
+    assert lt.choose(600, 0.1).policy.max_batch_size >= 1
