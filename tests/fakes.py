@@ -96,25 +96,36 @@ class FakeConsumer:
 
 @dataclass
 class FakeProducer:
-    """A transactional producer's calls, noted in ``calls``; ``commit_error`` is raised by the next commit."""
+    """A transactional producer's calls, noted in ``calls`` (and in ``log``, shared by several producers to show the
+    order of their calls); ``commit_error`` is raised by the next commit, which waits for ``hold`` if one is set."""
 
     name: str
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     commit_error: BaseException | None = None
     stopped: bool = False
+    log: list[tuple[Any, ...]] | None = None
+    hold: asyncio.Event | None = None
+
+    def _note(self, *call: Any) -> None:
+        self.calls.append(call)
+        if self.log is not None:
+            self.log.append(call)
 
     async def begin_transaction(self) -> None:
-        self.calls.append(("begin", self.name))
+        self._note("begin", self.name)
 
     async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
-        self.calls.append(("offsets", self.name, offsets))
+        await asyncio.sleep(0)
+        self._note("offsets", self.name, offsets)
 
     async def commit_transaction(self) -> None:
-        self.calls.append(("commit", self.name))
+        if self.hold is not None:
+            await self.hold.wait()
+        self._note("commit", self.name)
         if self.commit_error is not None:
             error, self.commit_error = self.commit_error, None
             raise error
 
     async def stop(self) -> None:
         self.stopped = True
-        self.calls.append(("stop", self.name))
+        self._note("stop", self.name)
