@@ -5,7 +5,8 @@
   that lost its partitions in a rebalance (a zombie) cannot commit a transaction over them, whatever its
   transactional id. One transactional producer per worker is then enough (aiokafka alone fences by
   transactional id only, which takes one producer per input partition). The offsets' metadata names the
-  committing transactional id, so that whoever takes a partition over can fence a committer that died.
+  committing transactional id, so that whoever takes a partition over can fence a committer that died. And the
+  group is added to each transaction (AddOffsetsToTxn) as it opens, beside its records, instead of after them.
 - **OffsetFetch v7** with ``require_stable``: a partition whose offsets wait in an open transaction answers
   ``UNSTABLE_OFFSET_COMMIT`` instead of the offset committed before it, so that a new owner never starts from
   an offset that the previous owner's last transaction is about to move.
@@ -178,10 +179,24 @@ class _V0Errors:
     errors: list[tuple[str, list[tuple[int, int]]]]
 
 
-def group_commit(producer: AIOKafkaProducer, member: Callable[[], Member], metadata: str) -> None:
+def group_commit(producer: AIOKafkaProducer, member: Callable[[], Member], metadata: str,
+                 group_id: str | None = None) -> None:
     """Make ``producer`` send its transactions' offsets as TxnOffsetCommit v3, as ``member()`` (asked each time),
-    with ``metadata`` for every partition. Before it starts."""
+    with ``metadata`` for every partition. Before it starts. With ``group_id``, every transaction adds that group
+    (AddOffsetsToTxn) as soon as it opens, beside its records, rather than when its offsets are sent: a commit
+    then takes one round trip less."""
     sender = producer._sender
+    txn = producer._txn_manager
+    if group_id is not None:
+        added_late = txn.consumer_group_to_add
+
+        def consumer_group_to_add() -> str | None:
+            if txn.is_in_transaction() and txn._txn_consumer_group is None:
+                return group_id
+            late: str | None = added_late()
+            return late
+
+        txn.consumer_group_to_add = consumer_group_to_add
 
     async def _do_txn_offset_commit(offsets: Any, group_id: str) -> bool | None:
         if not offsets:

@@ -186,7 +186,7 @@ class TransactionWindows:
 
     async def _start(self, slot: int) -> AIOKafkaProducer:
         producer = self._new_producer(self.transactional_ids(self.transactional_id)[slot])
-        group_commit(producer, lambda: self.member, self.transactional_id)
+        group_commit(producer, lambda: self.member, self.transactional_id, self.settings.group_id)
         try:
             await kafka.start(self.settings, producer)
         except BaseException:

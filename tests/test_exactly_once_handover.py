@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from consumers import Worker
-from consumers._group_fencing import UnstableOffsets
+from consumers._group_fencing import Member, UnstableOffsets, group_commit
 from producers import StreamerClient, request_headers
 from schemas import Codec, InferenceRequest
 from streamer import ClientSettings, WorkerSettings, kafka
@@ -175,3 +175,38 @@ async def test_a_commit_whose_answer_is_lost_is_not_redone(
     assert lost, "no commit was made to lose its answer"
     assert all(r.status == "ok" for r in results)
     assert len(ids) == 60 and set(ids.values()) == {1}, sorted(i for i, n in ids.items() if n > 1)
+
+
+async def test_each_transaction_adds_the_group_beside_its_records(created_topics: WorkerSettings) -> None:
+    """A worker's producer adds the consumer group to each transaction (AddOffsetsToTxn) as the transaction opens,
+    beside its records, not after them when its offsets are sent: a commit takes one round trip less. Twice, as
+    each transaction starts without the group."""
+    ws = created_topics
+    producer = kafka.producer(ws, transactional_id=f"{ws.group_id}.early.0")
+    group_commit(producer, lambda: Member(-1, "", None), f"{ws.group_id}.early", ws.group_id)
+    added: list[str] = []
+    add = producer._sender._do_add_offsets_to_txn
+
+    async def counted(group_id: str) -> Any:
+        added.append(group_id)
+        return await add(group_id)
+
+    producer._sender._do_add_offsets_to_txn = counted
+    await producer.start()
+    tp = TopicPartition(ws.request_topic, 0)
+    try:
+        for offset in (3, 7):
+            await producer.begin_transaction()
+            await producer.send_and_wait(ws.results_topic, b"a result", partition=0)
+            for _ in range(100):
+                if producer._txn_manager._txn_consumer_group == ws.group_id:
+                    break
+                await asyncio.sleep(0.05)
+            assert added == [ws.group_id] * (1 + (offset == 7)), "the group was not added before the offsets"
+            await producer.send_offsets_to_transaction({tp: offset}, ws.group_id)
+            await producer.commit_transaction()
+        assert added == [ws.group_id] * 2  # not again when the offsets went
+    finally:
+        await producer.stop()
+    committed = (await kafka.committed_offsets(ws, ws.group_id))[tp]
+    assert (committed.offset, committed.metadata) == (7, f"{ws.group_id}.early")
