@@ -1,10 +1,10 @@
 """Exactly-once against at-least-once, and against the exactly-once of an earlier checkout, side by side.
 
 One broker, tiny-mlp, 4 partitions, one serving process (``bench_worker.Run``); variants interleaved in each
-round: ``alo`` (at-least-once), ``eos`` (exactly-once) and, with ``--baseline DIR`` (a checkout of an earlier
-commit, its serving process started from there), ``eos@base``. ``--rate R``: p50/p99 at R requests/s for
-``--seconds``, after 500 to warm up (results read ``read_committed``, as the client reads them); ``--rate 0``:
-saturation (``--requests``). Reports medians and the per-round ratios to ``alo``.
+round (after ``--warmup-rounds`` not counted): ``alo`` (at-least-once), ``eos`` (exactly-once) and, with
+``--baseline DIR`` (a checkout of an earlier commit, its serving process started from there), ``eos@base``.
+``--rate R``: p50/p99 at R requests/s for ``--seconds``, after 500 to warm up (results read ``read_committed``,
+as the client reads them); ``--rate 0``: saturation (``--requests``). Medians, and per-round ratios to ``alo``.
 Writes bench/results/eos[-saturation].json.
 Usage: python bench/bench_eos.py [--rate 3000] [--repeats 5] [--baseline DIR]
 """
@@ -46,16 +46,21 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="at saturation")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline", default="", help="a checkout of an earlier commit, for eos@base")
+    ap.add_argument("--warmup-rounds", type=int, default=1,
+                    help="rounds run first and not counted: a fresh broker's first transactions create its "
+                         "transaction log, and its JIT warms up (the first round was 1.8-3x slower)")
     args = ap.parse_args()
     variants = ["alo", "eos"] + (["eos@base"] if args.baseline else [])
     broker = LocalKafka().start()
     rounds: list[dict[str, Any]] = []
     try:
-        for i in range(args.repeats):
+        for i in range(-args.warmup_rounds, args.repeats):
             r = {v: await one(v, broker.bootstrap_servers, args.rate, args.seconds, args.requests, args.baseline)
                  for v in variants}
-            rounds.append(r)
-            print(f"round {i}: " + ", ".join(f"{v} p50 {x['p50_ms']:.1f} ms p99 {x['p99_ms']:.1f} ms "
+            if i >= 0:
+                rounds.append(r)
+            label = "round" if i >= 0 else "warm-up round"
+            print(f"{label} {i}: " + ", ".join(f"{v} p50 {x['p50_ms']:.1f} ms p99 {x['p99_ms']:.1f} ms "
                                             f"{x['throughput']:,.0f}/s {x['cpu_s_per_request'] * 1e6:.0f} µs"
                                             for v, x in r.items()), flush=True)
     finally:
