@@ -277,6 +277,10 @@ def test_usual_results_take_the_fast_path() -> None:
     bad = InferenceResult(id="r2", model="m", status="error", error=ErrorInfo(code="bad_input", message="no"),
                           created_ms=7)
     assert reader.result(Codec().encode_result(bad)) == bad
+    staged = InferenceResult(id="r3", model="p", status="ok", outputs=[1, 2], created_ms=9, stages=[
+        StageTiming(stage="a", worker="w", queue_ms=0, batch_size=1, inference_ms=2.5, done_ms=8)])
+    got = reader.result(Codec().encode_result(staged))
+    assert got == staged and type(got.stages[0].queue_ms) is float  # type: ignore[index]
     assert calls == []
 
 
