@@ -385,6 +385,8 @@ class TransactionWindows:
         """A window on the producer whose last window is over, once the last window's records are acknowledged
         (then this one's records come after them in every partition)."""
         while True:
+            if self._window is not None:
+                return self._window
             if self._resetting is not None:
                 await asyncio.shield(self._resetting)
                 continue
@@ -398,9 +400,17 @@ class TransactionWindows:
                 await _outcome(last.acked)
                 continue
             producer = await self.producer(slot)
-            if self._resetting is None and self._last is last and self._window is None:
+            if self._resetting is not None or self._last is not last:
+                continue
+            try:
+                await producer.begin_transaction()
+            except Exception:
+                if self._producers[slot] is producer:
+                    raise
+                continue  # replaced meanwhile (a failure): the next one
+            if self._resetting is None and self._producers[slot] is producer:
                 break
-        await producer.begin_transaction()
+            # A failure meanwhile: this producer is replaced (its next start aborts what it began).
         self._opened += 1
         w = self._window = self._users[slot] = _Window(slot, producer, time.monotonic(), seq=self._opened)
         return w
@@ -415,8 +425,9 @@ class TransactionWindows:
         return self.left_s() == 0.0
 
     async def commit(self) -> None:
-        """Hand the open transaction to its commit, and wait until its records are acknowledged (the next window
-        may publish then); the rest of the commit goes on meanwhile (``settled`` waits for it)."""
+        """Hand the open transaction to its commit, which goes on meanwhile (``settled`` waits for it); the next
+        window opens once its records are acknowledged."""
+        await self._idle.wait()  # a revoke's release may commit while the pipeline publishes
         w, self._window = self._window, None
         if w is None:
             return

@@ -105,6 +105,7 @@ class FakeProducer:
     stopped: bool = False
     log: list[tuple[Any, ...]] | None = None
     hold: asyncio.Event | None = None
+    begin_hold: asyncio.Event | None = None  # the next begin_transaction waits for it
 
     def _note(self, *call: Any) -> None:
         self.calls.append(call)
@@ -112,6 +113,8 @@ class FakeProducer:
             self.log.append(call)
 
     async def begin_transaction(self) -> None:
+        if self.begin_hold is not None:
+            await self.begin_hold.wait()
         self._note("begin", self.name)
 
     async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_id: str) -> None:

@@ -353,6 +353,26 @@ async def test_a_window_after_a_failed_one_is_abandoned_without_committing() -> 
     assert sorted(voided) == sorted([TP, tp1]) and windows.committed == 0
 
 
+async def test_a_window_never_opens_on_a_producer_replaced_while_it_began() -> None:
+    """A failure while the next window's producer begins its transaction: the producers are replaced, and the
+    window opens on the replacement, not on the producer that was thrown away."""
+    consumer = FakeConsumer(assigned={TP}, committed_offsets={TP: 0})
+    windows, voided, _ = _windows(consumer)
+    gate = asyncio.Event()
+    old = FakeProducer("old", begin_hold=gate)
+    windows._producers[0] = old
+    opening = asyncio.create_task(windows._open())
+    await asyncio.sleep(0.01)
+    failed = _Window(1, FakeProducer("x"), time.monotonic(), tps={TP})  # type: ignore[arg-type]
+    windows._fail(failed, KafkaTimeoutError())
+    await asyncio.sleep(0.01)
+    gate.set()
+    w = await asyncio.wait_for(opening, 5)
+    assert old.stopped and w.producer is windows._producers[0] and w.producer is not old
+    assert voided == [TP] and windows._window is w
+    await windows.settled()
+
+
 class Learns:
     """The outbox's part in a refused record: nothing to learn here."""
 
