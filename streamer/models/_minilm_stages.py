@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import BadInput
 from ._base import Model
-from ._minilm import MAX_SEQ_LEN, MiniLM, check_text, load_tokenizer, pad_ids, token_ids, token_rows
+from ._minilm import MAX_SEQ_LEN, MiniLM, attend, check_text, load_tokenizer, pad_ids, token_ids, token_rows
 
 __all__ = ["MiniLMEncode", "MiniLMLayers", "MiniLMTokenize"]
 
@@ -114,15 +114,13 @@ class MiniLMLayers(MiniLM):
         return pad_ids(items, self.device)
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
-        from transformers.masking_utils import create_bidirectional_mask
-
         x, mask = batch
         bert = self.encoder
         if self.start == 0:
             hidden = bert.embeddings(input_ids=x, token_type_ids=torch.zeros_like(x))
         else:
             hidden = x.to(self.dtype)
-        mask4 = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
+        mask4 = attend(mask)
         for layer in bert.encoder.layer[self.start:self.end]:
             hidden = layer(hidden, mask4)
         if not self.pool:
