@@ -96,39 +96,25 @@ class FakeConsumer:
 
 @dataclass
 class FakeProducer:
-    """A transactional producer's calls, noted in ``calls`` (and in ``log``, shared by several producers to show the
-    order of their calls); ``commit_error`` is raised by the next commit, which waits for ``hold`` if one is set."""
+    """A transactional producer's calls, noted in ``calls``; ``commit_error`` is raised by the next commit."""
 
     name: str
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     commit_error: BaseException | None = None
     stopped: bool = False
-    log: list[tuple[Any, ...]] | None = None
-    hold: asyncio.Event | None = None
-    begin_hold: asyncio.Event | None = None  # the next begin_transaction waits for it
-
-    def _note(self, *call: Any) -> None:
-        self.calls.append(call)
-        if self.log is not None:
-            self.log.append(call)
 
     async def begin_transaction(self) -> None:
-        if self.begin_hold is not None:
-            await self.begin_hold.wait()
-        self._note("begin", self.name)
+        self.calls.append(("begin", self.name))
 
     async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group_id: str) -> None:
-        await asyncio.sleep(0)
-        self._note("offsets", self.name, offsets)
+        self.calls.append(("offsets", self.name, offsets))
 
     async def commit_transaction(self) -> None:
-        if self.hold is not None:
-            await self.hold.wait()
-        self._note("commit", self.name)
+        self.calls.append(("commit", self.name))
         if self.commit_error is not None:
             error, self.commit_error = self.commit_error, None
             raise error
 
     async def stop(self) -> None:
         self.stopped = True
-        self._note("stop", self.name)
+        self.calls.append(("stop", self.name))

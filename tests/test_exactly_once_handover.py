@@ -55,17 +55,16 @@ async def _requests(ws: WorkerSettings, n: int, seed: int) -> None:
         await producer.stop()
 
 
-async def _previous_owner(ws: WorkerSettings, base: str, answered: range, offset: int) -> AIOKafkaProducer:
+async def _previous_owner(ws: WorkerSettings, txn_id: str, answered: range, offset: int) -> AIOKafkaProducer:
     """A previous owner of partition 0 with its transaction open: answers for ``answered``, offsets up to
-    ``offset``. As a worker does, on the second of its two producers (``<base>.1``), with ``base`` as the offsets'
-    metadata."""
-    previous = kafka.producer(ws, transactional_id=f"{base}.1")
+    ``offset`` (with its id as their metadata, as a worker commits them)."""
+    previous = kafka.producer(ws, transactional_id=txn_id)
     await previous.start()
     await previous.begin_transaction()
     for i in answered:
         await previous.send(ws.results_topic, b"answered by the previous owner",
                             headers=[("streamer-request-id", f"r{i}".encode())])
-    await previous.send_offsets_to_transaction({TopicPartition(ws.request_topic, 0): (offset, base)}, ws.group_id)
+    await previous.send_offsets_to_transaction({TopicPartition(ws.request_topic, 0): (offset, txn_id)}, ws.group_id)
     return previous
 
 
@@ -145,8 +144,8 @@ async def test_a_commit_whose_answer_is_lost_is_not_redone(
     start = worker._txn._start
     lost: list[bool] = []
 
-    async def answer_lost_once(slot: int) -> AIOKafkaProducer:
-        producer = await start(slot)
+    async def answer_lost_once() -> AIOKafkaProducer:
+        producer = await start()
         commit = producer.commit_transaction
 
         async def commit_then_lose_the_answer() -> Any:

@@ -108,11 +108,11 @@ async def test_exactly_once_starts_its_producers_on_assignment(
     try:
         assert worker._txn is not None
         for _ in range(200):  # the group forms; no request has been sent
-            if worker._consumer.assignment() and None not in worker._txn._producers:
+            if worker._consumer.assignment() and worker._txn._producer is not None:
                 break
             await asyncio.sleep(0.05)
         assert len(worker._consumer.assignment()) == 4
-        assert None not in worker._txn._producers
+        assert worker._txn._producer is not None
         async with StreamerClient(client_settings) as client:
             futures = []
             for i, x in enumerate(inputs):
