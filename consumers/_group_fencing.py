@@ -179,24 +179,22 @@ class _V0Errors:
     errors: list[tuple[str, list[tuple[int, int]]]]
 
 
-def group_commit(producer: AIOKafkaProducer, member: Callable[[], Member], metadata: str,
-                 group_id: str | None = None) -> None:
-    """Make ``producer`` send its transactions' offsets as TxnOffsetCommit v3, as ``member()`` (asked each time),
-    with ``metadata`` for every partition. Before it starts. With ``group_id``, every transaction adds that group
+def group_commit(producer: AIOKafkaProducer, member: Callable[[], Member], metadata: str, group: str) -> None:
+    """Make ``producer`` send its transactions' offsets to ``group`` as TxnOffsetCommit v3, as ``member()`` (asked
+    each time), with ``metadata`` for every partition. Before it starts. Every transaction adds the group
     (AddOffsetsToTxn) as soon as it opens, beside its records, rather than when its offsets are sent: a commit
     then takes one round trip less."""
     sender = producer._sender
     txn = producer._txn_manager
-    if group_id is not None:
-        added_late = txn.consumer_group_to_add
+    added_late = txn.consumer_group_to_add
 
-        def consumer_group_to_add() -> str | None:
-            if txn.is_in_transaction() and txn._txn_consumer_group is None:
-                return group_id
-            late: str | None = added_late()
-            return late
+    def consumer_group_to_add() -> str | None:
+        if txn.is_in_transaction() and txn._txn_consumer_group is None:
+            return group
+        late: str | None = added_late()
+        return late
 
-        txn.consumer_group_to_add = consumer_group_to_add
+    txn.consumer_group_to_add = consumer_group_to_add
 
     async def _do_txn_offset_commit(offsets: Any, group_id: str) -> bool | None:
         if not offsets:
