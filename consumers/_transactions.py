@@ -300,7 +300,9 @@ class TransactionWindows:
         return self.left_s() == 0.0
 
     async def commit(self) -> None:
-        """Commit the open transaction: its records, then its offsets."""
+        """Commit the open transaction once its records and its offsets are in. The offsets go to the group
+        coordinator while the records are on their way (a commit takes one round trip less than one after the
+        other): they are part of the transaction, so a record refused aborts them with it."""
         async with self._lock:  # a revoke's release and the process loop may both commit
             w, self._window = self._window, None
             if w is None:
@@ -308,15 +310,22 @@ class TransactionWindows:
             if w.broken:
                 await self._failed(KafkaError("a publish into the transaction was interrupted"), set(w.last))
                 return
+            offsets: asyncio.Future[None] | None = None
             try:
-                await self._delivered(w.sent, w.producer)
                 if w.last:
-                    await w.producer.send_offsets_to_transaction({tp: last + 1 for tp, last in w.last.items()},
-                                                                 self.settings.group_id)
+                    offsets = asyncio.ensure_future(w.producer.send_offsets_to_transaction(
+                        {tp: last + 1 for tp, last in w.last.items()}, self.settings.group_id))
+                await self._delivered(w.sent, w.producer)
+                if offsets is not None:
+                    await offsets
                 await w.producer.commit_transaction()
                 self.committed += 1
             except KafkaError as exc:
                 await self._failed(exc, set(w.last))
+            finally:
+                if offsets is not None:  # records refused (the transaction aborts) or the commit cancelled
+                    offsets.cancel()  # no-op once done
+                    offsets.add_done_callback(_retrieve)
 
     async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
@@ -355,3 +364,9 @@ class TransactionWindows:
         await self._stop_taking(list(self.taking))
         await self.commit()
         await self._discard()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """The offsets' answer, retrieved once it no longer matters (asyncio would log it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaTimeoutError, ProducerFenced
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, ProducerFenced
 
 from consumers._group_fencing import Committed, GoneFromGroup, Member, UnstableOffsets
+from consumers._outbox import Delivery
 from consumers._transactions import TransactionWindows, _Window
 from streamer.assignors import MemberCard
 from streamer.config import WorkerSettings
@@ -224,6 +225,56 @@ async def test_one_transaction_commits_the_offsets_of_every_partition_it_covers(
     await windows.commit()
     assert producer.calls == [("offsets", "p", {TP: 10, tp1: 4}), ("commit", "p")]
     assert windows.committed == 1 and windows.left_s() is None
+
+
+class _Learnt:
+    """The outbox's part in a commit: the records the cluster refused, learnt from."""
+
+    def __init__(self) -> None:
+        self.refused: list[BaseException] = []
+
+    async def learn(self, delivery: Delivery, exc: BaseException, producer: Any) -> None:
+        self.refused.append(exc)
+
+
+def _sent(windows: TransactionWindows) -> asyncio.Future[None]:
+    """One record batch in the open transaction, on its way: resolve the future to have it written."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    assert windows._window is not None
+    windows._window.sent.append(Delivery(future, None, "result", "results", 0, [0]))  # type: ignore[arg-type]
+    return future
+
+
+async def test_the_offsets_go_while_the_records_are_on_their_way_and_the_commit_after_both() -> None:
+    consumer = FakeConsumer(assigned={TP})
+    windows, _, _ = _windows(consumer)
+    producer = FakeProducer("p")
+    _open(windows, producer, {TP: 9})
+    written = _sent(windows)
+    commit = asyncio.create_task(windows.commit())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert producer.calls == [("offsets", "p", {TP: 10})]  # before the records are written: no commit yet
+    written.set_result(None)
+    await commit
+    assert producer.calls == [("offsets", "p", {TP: 10}), ("commit", "p")] and windows.committed == 1
+
+
+async def test_a_record_refused_aborts_the_transaction_its_offsets_sent_beside_it_included() -> None:
+    """The offsets went with the records; a record refused means no commit: the producer goes (its transaction is
+    aborted when the next one starts) and the partition is read again from its committed offset."""
+    consumer = FakeConsumer(assigned={TP}, committed_offsets={TP: 3})
+    windows, voided, _ = _windows(consumer)
+    windows.outbox = learnt = _Learnt()  # type: ignore[assignment]
+    producer = FakeProducer("p")
+    _open(windows, producer, {TP: 9})
+    refused = MessageSizeTooLargeError()
+    _sent(windows).set_exception(refused)
+    await windows.commit()
+    assert learnt.refused == [refused]
+    assert ("commit", "p") not in producer.calls and producer.stopped and voided == [TP]
+    await _settled(windows)
+    assert consumer.positions == {TP: 3} and windows.committed == 0
 
 
 @pytest.mark.parametrize("error", [KafkaTimeoutError(), GoneFromGroup("generation 7 is over"), ProducerFenced()],
