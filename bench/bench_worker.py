@@ -68,9 +68,10 @@ def jit_cpu_seconds(pid: int) -> float:
 async def warm_broker(broker: LocalKafka, variants: tuple[str, ...] = ("streamer",), requests: int = 20000,
                       quiet: float = 0.05, max_s: float = 300.0) -> None:
     """Load a fresh broker at saturation, with each of ``variants`` in turn, until its JIT compiler threads use
-    less than ``quiet`` of a core over a round (or for ``max_s``). A fresh broker compiles its hot paths for the
-    first minute or two of load: on a 2-core AMD EPYC machine half a core went to its compiler threads for 60 s
-    while a worker's p50 at 2,000/s fell from 55 to 20 ms; measured before, every figure is partly that."""
+    less than ``quiet`` of a core over a round (or for ``max_s``). A fresh broker compiles its hot paths in its
+    first minute of load: on a 2-core AMD EPYC machine its compiler threads took half a core for 20 s, then
+    0.1-0.3 for 25 s, while a worker's p50 at 2,000/s fell from 55 to 20 ms; a figure taken meanwhile is partly
+    that."""
     pid = broker.pid
     assert pid is not None, "the broker is not running"
     t0 = time.perf_counter()
