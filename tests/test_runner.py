@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import torch
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -45,7 +46,11 @@ def codec_ok(value: bytes | None) -> bool:
     return value is not None and Codec().decode_result(value).status == "ok"
 
 
-async def test_a_model_cheaper_than_a_thread_hop_runs_on_the_event_loop() -> None:
+async def test_a_model_cheaper_than_a_thread_hop_runs_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The rule, not this machine's speed: tiny-mlp's batch of 8 took 0.3-0.8 ms on a 2-core AMD EPYC, with runs
+    # of 2-6 ms now and then (the first on a new thread, the machine busy), against the 1 ms line; the
+    # estimate then crossed the line back and forth (CI failed). 10x the model's usual time keeps it cheap.
+    monkeypatch.setattr("consumers._inference.INLINE_BELOW_MS", 10.0)
     model = Recording()
     runner = BatchRunner(model, Codec(), "w", "results", Route("tiny-mlp"))
     runner.warm_up()  # as a worker does at start: measures the model (on this thread, before serving)
