@@ -33,10 +33,20 @@ class Load:
     arrived: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, request index)
     sent: dict[int, float] = field(default_factory=dict)  # request index -> monotonic time published
     publish_failures: int = 0
+    # The last ``tail`` requests wait for release(): a load that must outlast the changes made under it (workers
+    # that join, then serve) pauses there rather than ending first when those changes are slow.
+    tail: int = 0
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self._released.set()
 
     async def run(self) -> None:
         t0 = time.monotonic()
         for i, x in enumerate(self.inputs):
+            if self.tail and i == len(self.inputs) - self.tail and not self._released.is_set():
+                await self._released.wait()
+                t0 = time.monotonic() - i / self.rate
             delay = t0 + i / self.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
