@@ -96,7 +96,7 @@ class Outbox:
                   if batch.values[i] is not None and batch.status[i] != FORWARDED}
         topics.discard(None)
         if topics:
-            await self.routes.resolve(producer.client, topics)  # type: ignore[arg-type]
+            await self.routes.resolve(producer, topics)  # type: ignore[arg-type]
         sent: list[Delivery] = []
         for _ in range(3):  # a forward that fails becomes an error result: one more round sends that
             groups: dict[tuple[str, str, int | None], list[int]] = {}
@@ -243,7 +243,7 @@ class Outbox:
             for i in idx:
                 self.runner.fail(batch, i, "undeliverable", f"the stage message was refused: {exc!r}")
             return idx  # their error results are sent in the next round
-        if isinstance(exc, _MAYBE_GONE) and not await self.routes.confirm_absent(producer.client, topic):
+        if isinstance(exc, _MAYBE_GONE) and not await self.routes.confirm_absent(producer, topic):
             raise exc
         for i in idx:
             self._no_reply(batch, i, "bad_route", f"the result could not be sent to {topic!r}: {exc!r}")
@@ -272,7 +272,7 @@ class Outbox:
         (a broker failover) changes nothing: the redo sends it again."""
         batch, idx = delivery.batch, delivery.indices
         if delivery.kind == RESULT and isinstance(exc, _MAYBE_GONE):
-            await self.routes.confirm_absent(producer.client, delivery.topic)
+            await self.routes.confirm_absent(producer, delivery.topic)
         elif isinstance(exc, MessageSizeTooLargeError) and len(self._too_large) + len(self._alone) < 100_000:
             where = self._alone if len(idx) > 1 else self._too_large
             where.update((batch.tp(i), batch.records[i].offset) for i in idx)
@@ -296,7 +296,7 @@ class Outbox:
             return sent
         record_level = isinstance(exc, _RECORD_ERRORS) or (
             kind == RESULT and isinstance(exc, _MAYBE_GONE)
-            and await self.routes.confirm_absent(producer.client, delivery.topic))
+            and await self.routes.confirm_absent(producer, delivery.topic))
         if not record_level:
             raise exc  # the cluster's trouble (a failover longer than produce_timeout_ms): stop, commit nothing
         out: list[Delivery] = []

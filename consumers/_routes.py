@@ -7,20 +7,28 @@ to the worker's own input or dead-letter topic, nor to an internal topic.
 
 Whether a route exists is asked of the cluster once per topic, in one metadata request per batch
 that never creates a topic; an absent topic is remembered for ``ttl_s``, so requests that name a
-deleted reply topic (a client closed with requests in flight) cost nothing more.
+deleted reply topic (a client closed with requests in flight) cost nothing more, and the results the
+producer still holds for it are failed when it is found gone (they become dead letters) instead of waiting
+``produce_timeout_ms`` for a leader.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from schemas import valid_topic_name
 from streamer import kafka
 from streamer.config import WorkerSettings
 
 __all__ = ["ReplyRoutes"]
+
+log = logging.getLogger("streamer.worker")
 
 
 class ReplyRoutes:
@@ -68,26 +76,32 @@ class ReplyRoutes:
             return False
         return True
 
-    def mark_absent(self, topic: str) -> None:
+    def mark_absent(self, topic: str, producer: AIOKafkaProducer) -> None:
+        """Remembers ``topic`` as absent, and fails the record batches the producer still holds for it (a deleted
+        reply topic's results would otherwise wait ``produce_timeout_ms`` for a leader; they become dead letters
+        now, as the results after them do)."""
         self._absent[topic] = time.monotonic()
+        if kafka.fail_pending(producer, topic, UnknownTopicOrPartitionError(f"{topic!r} does not exist")):
+            log.info("reply topic %r is gone: the results still waiting for it go to the dead-letter topic", topic)
 
-    async def confirm_absent(self, client: Any, topic: str) -> bool:
+    async def confirm_absent(self, producer: AIOKafkaProducer, topic: str) -> bool:
         """Whether the cluster says ``topic`` does not exist (one metadata request); remembered if so.
 
         For an error that a deleted topic gives and a broker failover gives too."""
-        if (await kafka.topic_partitions(client, [topic])).get(topic) == 0:
-            self.mark_absent(topic)
+        if (await kafka.topic_partitions(producer.client, [topic])).get(topic) == 0:
+            self.mark_absent(topic, producer)
             return True
         return False
 
-    async def resolve(self, client: Any, topics: Iterable[str]) -> None:
+    async def resolve(self, producer: AIOKafkaProducer, topics: Iterable[str]) -> None:
         """Ask the cluster about allowed topics the producer does not know yet (one request)."""
+        client = producer.client
         unknown = {t for t in topics if self.allowed(t) and not self._absent_now(t)
                    and client.cluster.partitions_for_topic(t) is None}
         if not unknown:
             return
         for topic, count in (await kafka.topic_partitions(client, unknown)).items():
             if count == 0:
-                self.mark_absent(topic)
+                self.mark_absent(topic, producer)
             elif len(self._counts) < 10_000:
                 self._counts[topic] = count

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -18,7 +19,8 @@ from aiokafka.errors import ProducerClosed
 
 from schemas import Codec, InferenceRequest, RoutingHeaders
 
-__all__ = ["KeyPartitions", "append_open", "append_record", "send_request"]
+__all__ = ["METADATA_BACKOFF_S", "KeyPartitions", "append_open", "append_record", "fail_pending", "send_request",
+           "space_metadata_refreshes"]
 
 _OWN_KEY: Any = object()
 
@@ -75,6 +77,56 @@ def append_open(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | Non
         if last._builder.append(timestamp=None, key=key, value=value, headers=headers) is not None:
             return last
     return None
+
+
+def fail_pending(producer: AIOKafkaProducer, topic: str, exc: BaseException) -> int:
+    """Fails every record batch for ``topic`` that the producer still holds (not in flight): for a topic found
+    deleted, whose records would otherwise wait ``request_timeout_ms`` for a partition leader that will not come.
+    Returns how many record batches failed. Reads aiokafka's message accumulator (``_batches``, ``_pop_batch``)."""
+    acc = producer._message_accumulator
+    failed = 0
+    for tp in [tp for tp in acc._batches if tp.topic == topic]:
+        while acc._batches.get(tp):
+            acc._pop_batch(tp).failure(exception=copy.copy(exc))
+            failed += 1
+    return failed
+
+
+METADATA_BACKOFF_S = 0.1  # the Java client's retry.backoff.ms
+
+
+def space_metadata_refreshes(producer: AIOKafkaProducer, backoff_s: float = METADATA_BACKOFF_S) -> None:
+    """Spaces the producer's metadata refreshes ``backoff_s`` apart while the topics it tracks stay the same.
+
+    aiokafka's sender asks for metadata again the moment an answer comes for as long as a partition it holds
+    records for has no leader (a topic deleted under it, a leader election), with no pause: a worker whose
+    client closed its reply topic sent thousands of Metadata requests a second to the broker until the records
+    expired. The Java client waits retry.backoff.ms between such refreshes; so does this. A refresh for a topic
+    the producer has not tracked before goes at once, and one already under way is shared. Reads aiokafka's
+    client (``_topics``, ``_md_update_fut``)."""
+    client = producer.client
+    force = client.force_metadata_update
+    last: list[Any] = [-backoff_s, frozenset()]  # when the last refresh was asked for, and for which topics
+
+    def spaced() -> Any:
+        now, topics = time.monotonic(), frozenset(client._topics)
+        if client._md_update_fut is not None:
+            return force()  # one is under way: wait for it
+        wait = last[0] + backoff_s - now
+        if wait <= 0 or topics != last[1]:
+            last[0], last[1] = now, topics
+            return force()
+        loop = asyncio.get_running_loop()
+        later: asyncio.Future[bool] = loop.create_future()
+        loop.call_later(wait, _resolve, later)
+        return later
+
+    client.force_metadata_update = spaced
+
+
+def _resolve(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(True)
 
 
 class KeyPartitions:

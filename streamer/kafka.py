@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import _records
 from ._connect import client_kwargs, start, started, translated_errors
-from ._produce import KeyPartitions, append_open, append_record, send_request
+from ._produce import KeyPartitions, append_open, append_record, fail_pending, send_request, space_metadata_refreshes
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, ConfigError, TlsFailed
 from .partitioners import make_partitioner
@@ -37,6 +37,7 @@ __all__ = [
     "delete_topics",
     "describe_group",
     "ensure_topics",
+    "fail_pending",
     "offset_bounds",
     "partition_leaders",
     "producer",
@@ -62,7 +63,9 @@ def producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
         "partitioner": make_partitioner(settings.partitioner),
     }
     kw.update(overrides)
-    return AIOKafkaProducer(**kw)
+    made = AIOKafkaProducer(**kw)
+    space_metadata_refreshes(made)
+    return made
 
 
 def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:

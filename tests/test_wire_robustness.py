@@ -9,6 +9,7 @@ log's end. Both delivery modes.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from aiokafka import TopicPartition
 from producers import StreamerClient
 from schemas import Codec
 from streamer import ClientSettings, WorkerSettings, kafka
+from streamer._produce import METADATA_BACKOFF_S
 
 from .faults.load import drain, report
 from .helpers import Processes, read_topic
@@ -174,3 +176,43 @@ async def test_a_client_that_closes_with_requests_in_flight_costs_the_worker_lit
     report(f"a client closed with {unanswered} requests in flight: {len(letters)} dead letters "
            f"({', '.join(sorted(codes))}); the next client's 16 requests took {waited:.1f} s")
     processes.check_alive()
+    # The results that were already with the producer for the deleted topic are failed when the topic is found
+    # gone, not left to expire after produce_timeout_ms with the producer asking for metadata all the while:
+    # that storm logged 2,900 "not found in cluster metadata" a second, for 30 s.
+    log = processes.logs()
+    storms = [int(n) for n in re.findall(r"not found in cluster metadata \[(\d+) more like this", log)]
+    assert log.count("not found in cluster metadata") + sum(storms) < 50, storms
+
+
+async def test_a_producer_spaces_its_metadata_requests_while_a_partition_has_no_leader(
+    worker_settings: WorkerSettings
+) -> None:
+    """A record for a topic deleted under the producer: aiokafka asks for metadata again the moment each answer
+    comes, for as long as the record waits (thousands of requests a second); streamer's producers space those
+    requests as the Java client does, and a topic's waiting records can be failed at once."""
+    ws = worker_settings
+    topic = f"{ws.results_topic}.gone"
+    await kafka.ensure_topics(ws, [kafka.TopicSpec(topic, partitions=1)])
+    producer = kafka.producer(ws)
+    await producer.start()
+    try:
+        await (await producer.send(topic, b"before"))
+        await kafka.delete_topics(ws, [topic])
+        asked = 0
+        ask = producer.client._metadata_update
+
+        async def counted(*args: Any) -> Any:
+            nonlocal asked
+            asked += 1
+            return await ask(*args)
+
+        producer.client._metadata_update = counted  # type: ignore[method-assign]
+        waiting = await producer.send(topic, b"after", partition=0)
+        await asyncio.sleep(2.0)
+        assert not waiting.done()
+        assert kafka.fail_pending(producer, topic, RuntimeError("gone")) == 1
+        with pytest.raises(RuntimeError, match="gone"):
+            await waiting
+    finally:
+        await producer.stop()
+    assert 2 <= asked <= 2.0 / METADATA_BACKOFF_S + 5, asked
