@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -15,7 +17,7 @@ from aiokafka.helpers import create_ssl_context
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, TlsFailed
 
-__all__ = ["client_kwargs", "start", "started", "translated_errors"]
+__all__ = ["METADATA_BACKOFF_S", "client_kwargs", "space_metadata_refreshes", "start", "started", "translated_errors"]
 
 
 @contextlib.asynccontextmanager
@@ -133,3 +135,41 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         kw["sasl_plain_username"] = settings.sasl_username
         kw["sasl_plain_password"] = settings.sasl_password.get_secret_value()
     return kw
+
+
+METADATA_BACKOFF_S = 0.1  # the Java client's retry.backoff.ms
+
+
+def space_metadata_refreshes(client: Any, backoff_s: float = METADATA_BACKOFF_S) -> None:
+    """Spaces a producer's or consumer's metadata refreshes ``backoff_s`` apart while the topics it tracks stay
+    the same (``client``: its aiokafka client).
+
+    aiokafka's producer asks for metadata again the moment an answer comes for as long as a partition it holds
+    records for has no leader (a topic deleted under it, a leader election), with no pause, and its consumer's
+    fetcher does the same for an assigned partition without a leader: a worker whose client closed its reply
+    topic sent thousands of Metadata requests a second to the broker until the records expired. The Java client
+    waits retry.backoff.ms between such refreshes; so does this. A refresh for a topic the client has not
+    tracked before goes at once, and one already under way is shared. Reads aiokafka's client (``_topics``,
+    ``_md_update_fut``)."""
+    force = client.force_metadata_update
+    last: list[Any] = [-math.inf, frozenset()]  # when the last refresh was asked for, and for which topics
+
+    def spaced() -> Any:
+        now, topics = time.monotonic(), frozenset(client._topics)
+        if client._md_update_fut is not None:
+            return force()  # one is under way: wait for it
+        wait = last[0] + backoff_s - now
+        if wait <= 0 or topics != last[1]:
+            last[0], last[1] = now, topics
+            return force()
+        loop = asyncio.get_running_loop()
+        later: asyncio.Future[bool] = loop.create_future()
+        loop.call_later(wait, _resolve, later)
+        return later
+
+    client.force_metadata_update = spaced
+
+
+def _resolve(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(True)

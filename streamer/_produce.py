@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -19,8 +18,7 @@ from aiokafka.errors import ProducerClosed
 
 from schemas import Codec, InferenceRequest, RoutingHeaders
 
-__all__ = ["METADATA_BACKOFF_S", "KeyPartitions", "append_open", "append_record", "fail_pending", "send_request",
-           "space_metadata_refreshes"]
+__all__ = ["KeyPartitions", "append_open", "append_record", "fail_pending", "send_request"]
 
 _OWN_KEY: Any = object()
 
@@ -90,43 +88,6 @@ def fail_pending(producer: AIOKafkaProducer, topic: str, exc: BaseException) -> 
             acc._pop_batch(tp).failure(exception=copy.copy(exc))
             failed += 1
     return failed
-
-
-METADATA_BACKOFF_S = 0.1  # the Java client's retry.backoff.ms
-
-
-def space_metadata_refreshes(producer: AIOKafkaProducer, backoff_s: float = METADATA_BACKOFF_S) -> None:
-    """Spaces the producer's metadata refreshes ``backoff_s`` apart while the topics it tracks stay the same.
-
-    aiokafka's sender asks for metadata again the moment an answer comes for as long as a partition it holds
-    records for has no leader (a topic deleted under it, a leader election), with no pause: a worker whose
-    client closed its reply topic sent thousands of Metadata requests a second to the broker until the records
-    expired. The Java client waits retry.backoff.ms between such refreshes; so does this. A refresh for a topic
-    the producer has not tracked before goes at once, and one already under way is shared. Reads aiokafka's
-    client (``_topics``, ``_md_update_fut``)."""
-    client = producer.client
-    force = client.force_metadata_update
-    last: list[Any] = [-backoff_s, frozenset()]  # when the last refresh was asked for, and for which topics
-
-    def spaced() -> Any:
-        now, topics = time.monotonic(), frozenset(client._topics)
-        if client._md_update_fut is not None:
-            return force()  # one is under way: wait for it
-        wait = last[0] + backoff_s - now
-        if wait <= 0 or topics != last[1]:
-            last[0], last[1] = now, topics
-            return force()
-        loop = asyncio.get_running_loop()
-        later: asyncio.Future[bool] = loop.create_future()
-        loop.call_later(wait, _resolve, later)
-        return later
-
-    client.force_metadata_update = spaced
-
-
-def _resolve(future: asyncio.Future[bool]) -> None:
-    if not future.done():
-        future.set_result(True)
 
 
 class KeyPartitions:

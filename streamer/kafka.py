@@ -14,8 +14,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import _records
-from ._connect import client_kwargs, start, started, translated_errors
-from ._produce import KeyPartitions, append_open, append_record, fail_pending, send_request, space_metadata_refreshes
+from ._connect import METADATA_BACKOFF_S, client_kwargs, space_metadata_refreshes, start, started, translated_errors
+from ._produce import KeyPartitions, append_open, append_record, fail_pending, send_request
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, ConfigError, TlsFailed
 from .partitioners import make_partitioner
@@ -23,6 +23,7 @@ from .partitioners import make_partitioner
 _records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
 
 __all__ = [
+    "METADATA_BACKOFF_S",
     "REQUEST_TOPIC",
     "KeyPartitions",
     "TopicSource",
@@ -64,14 +65,16 @@ def producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     }
     kw.update(overrides)
     made = AIOKafkaProducer(**kw)
-    space_metadata_refreshes(made)
+    space_metadata_refreshes(made.client)
     return made
 
 
 def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
     kw: dict[str, Any] = {**client_kwargs(settings), "enable_auto_commit": False, "auto_offset_reset": "earliest"}
     kw.update(overrides)
-    return AIOKafkaConsumer(*topics, **kw)
+    made = AIOKafkaConsumer(*topics, **kw)
+    space_metadata_refreshes(made._client)
+    return made
 
 
 def admin_client(settings: KafkaSettings) -> AIOKafkaAdminClient:
