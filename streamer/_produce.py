@@ -78,9 +78,13 @@ def append_open(producer: AIOKafkaProducer, tp: TopicPartition, key: bytes | Non
 
 
 def fail_pending(producer: AIOKafkaProducer, topic: str, exc: BaseException) -> int:
-    """Fails every record batch for ``topic`` that the producer still holds (not in flight): for a topic found
-    deleted, whose records would otherwise wait ``request_timeout_ms`` for a partition leader that will not come.
-    Returns how many record batches failed. Reads aiokafka's message accumulator (``_batches``, ``_pop_batch``)."""
+    """Fails every record batch for ``topic`` that the producer still holds (not in flight), and stops tracking
+    the topic: for a topic found deleted, whose records would otherwise wait ``request_timeout_ms`` for a
+    partition leader that will not come, and which every later metadata refresh would ask about again (aiokafka
+    tracks each topic a producer ever wrote to: a worker serving short-lived clients would ask for more and more
+    deleted reply topics). A send to the topic tracks it again. Returns how many record batches failed. Reads
+    aiokafka's message accumulator (``_batches``, ``_pop_batch``) and client (``_topics``)."""
+    producer.client._topics.discard(topic)
     acc = producer._message_accumulator
     failed = 0
     for tp in [tp for tp in acc._batches if tp.topic == topic]:

@@ -216,9 +216,14 @@ async def test_a_producer_spaces_its_metadata_requests_while_a_partition_has_no_
         assert kafka.fail_pending(producer, topic, RuntimeError("gone")) == 1
         with pytest.raises(RuntimeError, match="gone"):
             await waiting
+        spaced = asked[0]
+        # No longer tracked (later refreshes do not ask for it), and learnt again when it comes back.
+        assert topic not in producer.client._topics
+        await kafka.ensure_topics(ws, [kafka.TopicSpec(topic, partitions=1)])
+        assert (await (await producer.send(topic, b"again"))).topic == topic
     finally:
         await producer.stop()
-    assert 2 <= asked[0] <= 2.0 / kafka.METADATA_BACKOFF_S + 5, asked
+    assert 2 <= spaced <= 2.0 / kafka.METADATA_BACKOFF_S + 5, spaced
 
 
 async def test_a_consumer_spaces_its_metadata_requests_while_a_partition_has_no_leader(
