@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._batch import Route, RunStats
 from ._commit import Committer, ConsumerCommitter
-from .stage import stage_settings, stage_worker
+from .stage import stage_worker
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ __all__ = [
     "Route",
     "RunStats",
     "Worker",
-    "stage_settings",
     "stage_worker",
 ]
 

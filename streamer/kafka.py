@@ -18,6 +18,7 @@ from ._connect import METADATA_BACKOFF_S, client_kwargs, space_metadata_refreshe
 from ._produce import KeyPartitions, append_open, append_record, fail_pending, send_request
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, ConfigError, TlsFailed
+from .logs import quiet
 from .partitioners import make_partitioner
 
 _records.install()  # records whose header keys are not UTF-8 are read, not raised on (see _records)
@@ -41,6 +42,7 @@ __all__ = [
     "fail_pending",
     "offset_bounds",
     "partition_leaders",
+    "preflight",
     "producer",
     "require_topic",
     "send_request",
@@ -277,6 +279,20 @@ async def require_topic(settings: KafkaSettings, client: Any, topic: str, source
                                                   "(startup_timeout_s)", topic, wait_s)
             said = True
         await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
+
+
+async def preflight(settings: KafkaSettings, wait_s: float, topic: str | None = None,
+                    source: TopicSource = REQUEST_TOPIC) -> None:
+    """What a command checks before it loads a model (seconds of ``import torch`` and building it): the cluster
+    answers and, given ``topic``, the topic exists, each waited for up to ``wait_s`` (0: asked once). A command
+    pointed at the wrong cluster or topic says so in a second, with the same line a worker's start would give;
+    aiokafka's log of each failed connection attempt is held back meanwhile.
+    """
+    with quiet("aiokafka"):
+        await wait_for_cluster(settings, wait_s)
+        if topic is not None:
+            async with admin(settings) as client:
+                await require_topic(settings, client._client, topic, source, wait_s=wait_s)
 
 
 async def topic_partitions(client: Any, topics: Iterable[str], timeout_s: float = 5.0) -> dict[str, int]:

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .config import KafkaSettings, WorkerSettings, load_settings
 from .errors import ConfigError, ModelNotFound
+
+if TYPE_CHECKING:
+    from .kafka import TopicSource
 
 __all__ = ["BUILTIN_PIPELINES", "PipelineSpec", "StageSpec", "load_pipeline"]
 
@@ -132,6 +136,30 @@ class PipelineSpec(BaseModel):
 
     def group_id(self, stage: str) -> str:
         return self.stage(stage).group_id or f"{self.name}.{stage}"
+
+    def input_source(self, stage: str) -> TopicSource:
+        """Where the input topic of ``stage`` comes from, for a user told that it does not exist."""
+        from .kafka import TopicSource
+
+        return TopicSource(f"the input topic of stage {stage!r} in pipeline {self.name!r}",
+                           f"streamer pipeline create {self.name}")
+
+    def worker_settings(self, stage: str, settings: KafkaSettings, **overrides: Any) -> WorkerSettings:
+        """The settings of a worker of ``stage``: its topics, group and batch policy from the spec, the connection
+        from ``settings``, then ``overrides`` that are not None (command-line flags)."""
+        st = self.stage(stage)
+        values: dict[str, Any] = {
+            **settings.model_dump(include=set(KafkaSettings.model_fields)),
+            "request_topic": self.input_topic(st.name),
+            "dead_letter_topic": self.dead_letter_topic(st.name),
+            "group_id": self.group_id(st.name),
+            "model": st.callable,
+            "device": st.device,
+            "max_batch_size": st.max_batch_size,
+            "max_wait_ms": st.max_wait_ms,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return load_settings(WorkerSettings, **values)
 
 
 BUILTIN_PIPELINES = Path(__file__).parent / "pipelines"

@@ -155,3 +155,16 @@ def test_broker_names_a_port_in_use(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip() == (f"streamer: error: port {port} on 127.0.0.1 is in use (--port): choose another, or "
                                   "leave --port out for a free one")
+
+
+@pytest.mark.parametrize("command", ["worker", "stage", "replay", "pipeline create", "demo"])
+def test_a_command_that_cannot_reach_its_cluster_says_so_before_importing_torch(command: str, tmp_path: Path) -> None:
+    """README, "Exit status": the cluster is checked before torch and the model load (seconds)."""
+    case = next(c for c in _cases("unused:1", "unused:1", tmp_path) if c.command == command and c.name == "no cluster")
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "streamer", *case.args], input="",
+                         capture_output=True, text=True, env={**os.environ, **case.env}, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("streamer: error: cannot reach the cluster at")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "streamer" in imported and "torch" not in imported
+

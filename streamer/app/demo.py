@@ -72,13 +72,14 @@ async def _demo(args: argparse.Namespace, ws: WorkerSettings, env: dict[str, str
     from producers import StreamerClient
 
     from .. import kafka
-    from ..models import load_model
 
     await kafka.ensure_topics(ws, [
         kafka.TopicSpec(ws.request_topic, args.partitions),
         kafka.TopicSpec(ws.results_topic, args.partitions),
         kafka.TopicSpec(ws.dead_letter_topic, 1),
     ])
+    from ..models import load_model  # torch: seconds, once the cluster answered
+
     console.print(f"broker: {ws.bootstrap_servers}")
     workers.extend(WorkerProcess(env, workdir / f"worker-{i}.log") for i in range(args.workers))
     model = load_model(ws.model, "cpu")

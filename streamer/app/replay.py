@@ -63,6 +63,10 @@ def run_replay(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace, settings: WorkerSettings) -> int:
     from rich.console import Console
 
+    from ..kafka import preflight
+
+    await preflight(settings, 0)  # consumers.replay imports torch: seconds
+
     from consumers.replay import job_running, parse_offsets, parse_time_ms, resolve_range
 
     topic = args.topic or settings.request_topic

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import KafkaSettings, WorkerSettings
 from ..errors import ConfigError
+from ..kafka import preflight
 from ._common import add_kafka, add_worker, leaf, run, settings_from
 
 __all__ = ["add_serving_parsers"]
@@ -119,9 +120,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from consumers import Worker
+    from ..models import find_factory
 
     settings = settings_from(args, WorkerSettings)
+    find_factory(settings.model)  # a built-in's name is checked without torch
+    run(preflight(settings, settings.startup_timeout_s, settings.request_topic))  # before torch and the model
+
+    from consumers import Worker
 
     async def serve() -> None:
         await Worker(settings).run()
@@ -164,15 +169,16 @@ def cmd_pipeline_create(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from consumers import stage_worker
-
     from ..pipeline import load_pipeline
 
-    spec = load_pipeline(args.file)
+    spec = load_pipeline(args.file)  # a built-in stage's callable is checked without torch
     settings = settings_from(args, KafkaSettings)
     overrides = {k: getattr(args, k) for k in ("device", "max_batch_size", "max_wait_ms", "latency_target_ms",
                                                 "max_buffered", "delivery", "metrics_port")}
-    spec.stage(args.stage)  # fail on an unknown stage before loading anything
+    ws = spec.worker_settings(args.stage, settings, **overrides)  # an unknown stage fails here
+    run(preflight(ws, ws.startup_timeout_s, ws.request_topic, spec.input_source(args.stage)))  # before torch
+
+    from consumers import stage_worker
 
     async def serve() -> None:
         await stage_worker(spec, args.stage, settings, **overrides).run()

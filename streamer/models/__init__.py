@@ -1,18 +1,41 @@
-"""Model loading: built-ins by name, or a user's ``package.module:factory``."""
+"""Model loading: built-ins by name, or a user's ``package.module:factory``.
+
+Importing this package does not import torch (seconds): the names here that need it (``Model``, ``TinyMLP``,
+...) load on first use, and so does each built-in when it is built. A command can check a model's name, or a
+pipeline's callables, before it pays for torch.
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelNotFound
-from ._base import Model, default_device
-from ._tiny_mlp import TinyMLP, tiny_mlp_weights
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._base import Model, default_device
+    from ._tiny_mlp import TinyMLP, tiny_mlp_weights
 
 __all__ = ["BUILTINS", "Model", "TinyMLP", "default_device", "find_factory", "load_model", "tiny_mlp_weights"]
+
+_LAZY = {"Model": "._base", "default_device": "._base", "TinyMLP": "._tiny_mlp", "tiny_mlp_weights": "._tiny_mlp"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tiny_mlp(device: torch.device, **options: Any) -> Model:
+    from ._tiny_mlp import TinyMLP
+
+    return TinyMLP(device, **options)
 
 
 def _minilm(device: torch.device, **options: Any) -> Model:
@@ -40,7 +63,7 @@ def _minilm_layers(device: torch.device, **options: Any) -> Model:
 
 
 BUILTINS: dict[str, Callable[..., Model]] = {
-    "tiny-mlp": TinyMLP,
+    "tiny-mlp": _tiny_mlp,
     "minilm": _minilm,
     # Pipeline stages (see streamer/pipelines/*.toml).
     "minilm-tokenize": _minilm_tokenize,
@@ -52,6 +75,8 @@ BUILTINS: dict[str, Callable[..., Model]] = {
 def load_model(spec: str, device: str | None = None, **options: Any) -> Model:
     """Load ``spec``: a built-in name, or ``package.module:factory`` where ``factory(device, **options)``
     returns a Model."""
+    from ._base import Model, default_device
+
     factory = find_factory(spec)
     model = factory(default_device(device), **options)
     if not isinstance(model, Model):
