@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import pytest
 from producers import StreamerClient
 from streamer import ClientSettings, WorkerSettings, kafka
 from streamer.broker import LocalKafka
+from streamer.config import KafkaSettings
 from streamer.models import load_model
 from streamer.testing import LocalKafkaCluster, start_on_free_ports
 
@@ -34,13 +35,35 @@ async def _topics(ws: WorkerSettings, replication: int) -> None:
                                    kafka.TopicSpec(ws.dead_letter_topic, 1, replication)])
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[LocalKafkaCluster]:
-    c = await asyncio.to_thread(start_on_free_ports, lambda: LocalKafkaCluster(3))
+@pytest.fixture(scope="module")
+def cluster_of_three() -> Iterator[LocalKafkaCluster]:
+    c = start_on_free_ports(lambda: LocalKafkaCluster(3))
     try:
         yield c
     finally:
-        await asyncio.to_thread(c.stop)
+        c.stop()
+
+
+@pytest.fixture
+async def cluster(cluster_of_three: LocalKafkaCluster) -> LocalKafkaCluster:
+    """The module's cluster with every node up and every partition's replicas in sync: each test kills a node
+    and starts it again, and the next one must not begin while that node is still catching up (with
+    min.insync.replicas 2, killing another then would stop a partition)."""
+    c = cluster_of_three
+    for node in c.nodes:
+        if not node.running:  # a test that failed before starting its victim again
+            await asyncio.to_thread(node.start, 120)
+    settings = KafkaSettings(bootstrap_servers=c.bootstrap_servers)
+    deadline = time.monotonic() + 120
+    while True:
+        async with kafka.admin(settings) as client:
+            described = await client.describe_topics()
+        behind = [f"{t['topic']}-{p['partition']}" for t in described for p in t["partitions"]
+                  if len(p["isr"]) < len(p["replicas"])]
+        if not behind:
+            return c
+        assert time.monotonic() < deadline, f"replicas still out of sync after 120 s: {behind[:5]}"
+        await asyncio.sleep(0.5)
 
 
 @pytest.mark.parametrize("mode", MODES)
