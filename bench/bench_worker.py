@@ -47,22 +47,23 @@ WAIT_MS = 5.0
 PARTITIONS = 4
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, task: str = "") -> float:
+    """User + system CPU seconds of a process (or of one of its threads: ``task``) so far, from ``/proc``."""
+    stat = Path(f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def jit_cpu_seconds(pid: int) -> float:
     """CPU seconds a JVM's JIT compiler threads have used so far."""
-    total = 0
+    total = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if "CompilerThre" in (task / "comm").read_text():
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
+                total += _cpu_seconds(pid, task.name)
         except OSError:
             continue  # the thread ended
-    return total / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def warm_broker(broker: LocalKafka, variants: tuple[str, ...] = ("streamer",), requests: int = 20000,

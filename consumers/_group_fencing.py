@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import aiokafka.errors as Errors
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -81,6 +81,22 @@ class Committed:
     metadata: str | None  # the transactional id that committed it (ours), or what another client wrote
 
 
+_S = TypeVar("_S", bound=RequestStruct)
+
+
+class _OneVersion(Request[_S]):  # type: ignore[misc]
+    """A request at the one version its subclass names (``_OneVersion[<RequestStruct>]``), built from its fields
+    in the struct's order: aiokafka 0.14 sends these at versions without the fields streamer needs."""
+
+    API_KEY = -1  # each subclass names its own
+
+    def __init__(self, *fields: Any) -> None:
+        self._fields = fields
+
+    def build(self, request_struct_class: type[_S]) -> _S:
+        return request_struct_class(*self._fields)  # type: ignore[no-any-return]
+
+
 # -- TxnOffsetCommit v3 ------------------------------------------------------------------------------------------
 class _TxnOffsetCommitResponseV3(Response):  # type: ignore[misc]
     API_KEY = 28
@@ -127,14 +143,8 @@ class _TxnOffsetCommitRequestV3(RequestStruct):  # type: ignore[misc]
 _TxnOffsetCommitStruct: TypeAlias = _TxnOffsetCommitRequestV3
 
 
-class _TxnOffsetCommitV3(Request[_TxnOffsetCommitStruct]):  # type: ignore[misc]
+class _TxnOffsetCommitV3(_OneVersion[_TxnOffsetCommitStruct]):
     API_KEY = 28
-
-    def __init__(self, *fields: Any) -> None:
-        self._fields = fields
-
-    def build(self, request_struct_class: type[_TxnOffsetCommitStruct]) -> _TxnOffsetCommitStruct:
-        return request_struct_class(*self._fields)
 
 
 class _GroupCommitHandler(TxnOffsetCommitHandler):  # type: ignore[misc]
@@ -253,14 +263,8 @@ class _OffsetFetchRequestV7(RequestStruct):  # type: ignore[misc]
 _OffsetFetchStruct: TypeAlias = _OffsetFetchRequestV7
 
 
-class _OffsetFetchV7(Request[_OffsetFetchStruct]):  # type: ignore[misc]
+class _OffsetFetchV7(_OneVersion[_OffsetFetchStruct]):
     API_KEY = 9
-
-    def __init__(self, *fields: Any) -> None:
-        self._fields = fields
-
-    def build(self, request_struct_class: type[_OffsetFetchStruct]) -> _OffsetFetchStruct:
-        return request_struct_class(*self._fields)
 
 
 async def fetch_offsets(consumer: AIOKafkaConsumer, group_id: str, tps: list[TopicPartition], *,
