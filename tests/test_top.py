@@ -94,15 +94,18 @@ async def test_top_shows_a_live_group_under_load(worker_settings: WorkerSettings
     session = f"top-{uuid.uuid4().hex[:8]}"
     _tmux("new-session", "-d", "-s", session, "-x", "200", "-y", "50", "bash", str(script))
     try:
-        inputs = load_model("tiny-mlp", "cpu").example_inputs(6000, seed=5)
+        inputs = load_model("tiny-mlp", "cpu").example_inputs(400, seed=5)
+        seen = asyncio.Event()
 
-        async def load() -> None:  # ~400 requests/s for ~15 s, keyed over every partition
+        async def load() -> None:  # ~400 requests/s, keyed over every partition, until top has shown it
             async with StreamerClient(client_settings) as client:
-                for start in range(0, len(inputs), 40):
-                    chunk = inputs[start:start + 40]
-                    async for _ in client.stream(chunk, model="tiny-mlp", key=lambda x: str(int(abs(x[0]) * 1e6) % 32)):
-                        pass
-                    await asyncio.sleep(0.1)
+                while not seen.is_set():
+                    for start in range(0, len(inputs), 40):
+                        chunk = inputs[start:start + 40]
+                        async for _ in client.stream(chunk, model="tiny-mlp",
+                                                     key=lambda x: str(int(abs(x[0]) * 1e6) % 32)):
+                            pass
+                        await asyncio.sleep(0.1)
 
         loading = asyncio.create_task(load())
         screen, rows = "", []
@@ -112,6 +115,7 @@ async def test_top_shows_a_live_group_under_load(worker_settings: WorkerSettings
             rows = _member_rows(screen, version)
             if len(rows) == 2 and all("-" not in row[7:11] for row in rows):
                 break
+        seen.set()
         await loading
         assert f"group {ws.group_id}: Stable" in screen, screen
         assert "2 members" in screen, screen
