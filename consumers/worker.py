@@ -177,12 +177,12 @@ class Worker:
             if self.settings.metrics_port is not None:  # up before the group sees this member
                 port = self.metrics.serve(self.settings.metrics_port)
                 log.info("metrics on http://0.0.0.0:%d/metrics", port)
-            with quiet("aiokafka"):  # until the cluster answers, the one line below says what is wrong
-                await kafka.wait_for_cluster(self.settings, self.settings.startup_timeout_s)
+            # The cluster and the request topic, waited for as the CLI's check before loading the model does.
+            await kafka.preflight(self.settings, self.settings.startup_timeout_s, self.settings.request_topic,
+                                  self._source)
+            with quiet("aiokafka"):  # the cluster answers now; a failure is said in one line
                 async with kafka.translated_errors(self.settings):
                     await self._producer.start()
-                await kafka.require_topic(self.settings, self._producer.client, self.settings.request_topic,
-                                          self._source, wait_s=self.settings.startup_timeout_s)
             # What start-up made (modules, the model, torch's state) lives as long as the process: keep it out of
             # the cyclic collector's scans, which the hot path's allocations would otherwise trigger on the whole
             # heap. Done before joining the group, so the pause is not a member's.
