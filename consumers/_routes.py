@@ -10,12 +10,18 @@ that never creates a topic; an absent topic is remembered for ``ttl_s``, so requ
 deleted reply topic (a client closed with requests in flight) cost nothing more, and the results the
 producer still holds for it are failed when it is found gone (they become dead letters) instead of waiting
 ``produce_timeout_ms`` for a leader.
+
+A route is also found gone by the producer's own metadata refreshes: one that the last refresh had and the next
+(which asked about it) has not. The record batches for a gone route that were in flight when it was found gone
+come back to the producer to be retried, and would be retried for ever, each retry a refresh that asks again
+about every topic the producer tracks; they are failed at the next refresh.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,6 +48,7 @@ class ReplyRoutes:
         self._allowed: dict[str, bool] = {}  # the policy's answer per topic, once worked out
         self._absent: dict[str, float] = {}  # topic -> monotonic time it was last found absent
         self._counts: dict[str, int] = {}  # partition counts found by resolve, until the producer knows them
+        self._watched: weakref.WeakSet[Any] = weakref.WeakSet()  # the producers' cluster metadata listened to
 
     def allowed(self, topic: str) -> bool:
         known = self._allowed.get(topic)
@@ -81,6 +88,7 @@ class ReplyRoutes:
         reply topic's results would otherwise wait ``produce_timeout_ms`` for a leader; they become dead letters
         now, as the results after them do)."""
         self._absent[topic] = time.monotonic()
+        self._counts.pop(topic, None)
         if kafka.fail_pending(producer, topic, UnknownTopicOrPartitionError(f"{topic!r} does not exist")):
             log.info("reply topic %r is gone: the results still waiting for it go to the dead-letter topic", topic)
 
@@ -93,8 +101,32 @@ class ReplyRoutes:
             return True
         return False
 
+    def watch(self, producer: AIOKafkaProducer) -> None:
+        """Listens to ``producer``'s metadata refreshes (once per producer): a route that one refresh had and the
+        next has not, though the producer still asked about it, is gone (deleted); record batches for a route
+        found gone that came back to the producer from a failed produce request are failed."""
+        cluster = producer.client.cluster
+        if cluster in self._watched:
+            return
+        self._watched.add(cluster)
+        present: set[str] = set()
+
+        def refreshed(now: Any) -> None:
+            nonlocal present
+            known, tracked = now.topics(), producer.client._topics
+            for topic in present - known:
+                if topic in tracked:
+                    self.mark_absent(topic, producer)
+            for topic in kafka.pending_topics(producer):
+                if self._absent_now(topic):
+                    self.mark_absent(topic, producer)
+            present = {t for t in known if self.allowed(t)}
+
+        cluster.add_listener(refreshed)
+
     async def resolve(self, producer: AIOKafkaProducer, topics: Iterable[str]) -> None:
         """Ask the cluster about allowed topics the producer does not know yet (one request)."""
+        self.watch(producer)
         client = producer.client
         unknown = {t for t in topics if self.allowed(t) and not self._absent_now(t)
                    and client.cluster.partitions_for_topic(t) is None}

@@ -18,7 +18,7 @@ from aiokafka.errors import ProducerClosed
 
 from schemas import Codec, InferenceRequest, RoutingHeaders
 
-__all__ = ["KeyPartitions", "append_open", "append_record", "fail_pending", "send_request"]
+__all__ = ["KeyPartitions", "append_open", "append_record", "fail_pending", "pending_topics", "send_request"]
 
 _OWN_KEY: Any = object()
 
@@ -92,6 +92,12 @@ def fail_pending(producer: AIOKafkaProducer, topic: str, exc: BaseException) -> 
             acc._pop_batch(tp).failure(exception=copy.copy(exc))
             failed += 1
     return failed
+
+
+def pending_topics(producer: AIOKafkaProducer) -> set[str]:
+    """The topics of the record batches the producer holds and has not sent (a batch the sender took and must
+    retry is held again once its produce request failed). Reads aiokafka's message accumulator."""
+    return {tp.topic for tp, queued in producer._message_accumulator._batches.items() if queued}
 
 
 class KeyPartitions:

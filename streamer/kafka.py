@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import _records
 from ._connect import METADATA_BACKOFF_S, client_kwargs, space_metadata_refreshes, start, started, translated_errors
-from ._produce import KeyPartitions, append_open, append_record, fail_pending, send_request
+from ._produce import KeyPartitions, append_open, append_record, fail_pending, pending_topics, send_request
 from .config import KafkaSettings
 from .errors import AuthenticationFailed, BrokerError, ConfigError, TlsFailed
 from .logs import quiet
@@ -42,6 +42,7 @@ __all__ = [
     "fail_pending",
     "offset_bounds",
     "partition_leaders",
+    "pending_topics",
     "preflight",
     "producer",
     "require_topic",

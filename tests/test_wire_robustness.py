@@ -16,7 +16,9 @@ from typing import Any
 import msgpack
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import UnknownTopicOrPartitionError
 
+from consumers._routes import ReplyRoutes
 from producers import StreamerClient
 from schemas import Codec
 from streamer import ClientSettings, WorkerSettings, kafka
@@ -224,6 +226,34 @@ async def test_a_producer_spaces_its_metadata_requests_while_a_partition_has_no_
     finally:
         await producer.stop()
     assert 2 <= spaced <= 2.0 / kafka.METADATA_BACKOFF_S + 5, spaced
+
+
+async def test_a_reply_topic_deleted_under_a_worker_is_found_gone_by_its_producer_refreshes(
+    worker_settings: WorkerSettings
+) -> None:
+    """A worker's reply routes listen to its producer's metadata: a reply topic that one refresh had and the next
+    has not is gone. Its records the producer holds fail at once (they become dead letters) instead of being
+    retried for ever, a refresh each time (the test of a closing client saw 188 "not found in cluster metadata"
+    in 20 s), and the topic is no longer asked about."""
+    ws = worker_settings
+    topic = f"{ws.results_topic}.reply.deleted"
+    await kafka.ensure_topics(ws, [kafka.TopicSpec(topic, partitions=1)])
+    routes = ReplyRoutes(ws)
+    producer = kafka.producer(ws)
+    await producer.start()
+    try:
+        await (await producer.send(topic, b"before"))
+        routes.watch(producer)
+        await producer.client.force_metadata_update()  # the listener's first view has the topic
+        await kafka.delete_topics(ws, [topic])
+        waiting = await producer.send(topic, b"after", partition=0)
+        with pytest.raises(UnknownTopicOrPartitionError, match="does not exist"):
+            await asyncio.wait_for(waiting, 10)
+        assert topic not in producer.client._topics
+        assert routes.refuse(producer.client, topic, 0) == f"reply topic {topic!r} does not exist"
+        assert routes.refuse(producer.client, ws.results_topic, 0) is None
+    finally:
+        await producer.stop()
 
 
 async def test_a_consumer_spaces_its_metadata_requests_while_a_partition_has_no_leader(
