@@ -15,6 +15,10 @@ A route is also found gone by the producer's own metadata refreshes: one that th
 (which asked about it) has not. The record batches for a gone route that were in flight when it was found gone
 come back to the producer to be retried, and would be retried for ever, each retry a refresh that asks again
 about every topic the producer tracks; they are failed at the next refresh.
+
+A private reply topic (one under a wildcard route, such as ``<results_topic>.*``) is deleted whenever its client
+closes: the worker says so in one INFO line, and aiokafka's ERROR "Topic ... not found in cluster metadata" for it
+is held back. The results topic and the routes named in ``reply_topics`` keep that ERROR.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ class ReplyRoutes:
         self._absent: dict[str, float] = {}  # topic -> monotonic time it was last found absent
         self._counts: dict[str, int] = {}  # partition counts found by resolve, until the producer knows them
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()  # the producers' cluster metadata listened to
+        self._quieted = False  # aiokafka's log of a gone private reply topic held back
+
+    def private(self, topic: str) -> bool:
+        """Whether ``topic`` is a client's own reply topic (allowed by a wildcard route, not by name): one that is
+        deleted when its client closes."""
+        return topic not in self._names and self.allowed(topic)
 
     def allowed(self, topic: str) -> bool:
         known = self._allowed.get(topic)
@@ -83,13 +93,19 @@ class ReplyRoutes:
             return False
         return True
 
-    def mark_absent(self, topic: str, producer: AIOKafkaProducer) -> None:
+    def mark_absent(self, topic: str, producer: AIOKafkaProducer, deleted: bool = False) -> None:
         """Remembers ``topic`` as absent, and fails the record batches the producer still holds for it (a deleted
         reply topic's results would otherwise wait ``produce_timeout_ms`` for a leader; they become dead letters
-        now, as the results after them do)."""
+        now, as the results after them do). ``deleted``: it was there before (said in the log even if no result
+        was waiting)."""
         self._absent[topic] = time.monotonic()
         self._counts.pop(topic, None)
-        if kafka.fail_pending(producer, topic, UnknownTopicOrPartitionError(f"{topic!r} does not exist")):
+        failed = kafka.fail_pending(producer, topic, UnknownTopicOrPartitionError(f"{topic!r} does not exist"))
+        if deleted:  # a client's own reply topic is deleted as it closes; another route should not be
+            log.log(logging.INFO if self.private(topic) else logging.WARNING,
+                    "reply topic %r was deleted: results for it go to the dead-letter topic (%d record batch(es) "
+                    "were waiting)", topic, failed)
+        elif failed:
             log.info("reply topic %r is gone: the results still waiting for it go to the dead-letter topic", topic)
 
     async def confirm_absent(self, producer: AIOKafkaProducer, topic: str) -> bool:
@@ -109,6 +125,9 @@ class ReplyRoutes:
         if cluster in self._watched:
             return
         self._watched.add(cluster)
+        if not self._quieted:
+            _GoneReplyTopics.install(self)
+            self._quieted = True
         present: set[str] = set()
 
         def refreshed(now: Any) -> None:
@@ -116,7 +135,7 @@ class ReplyRoutes:
             known, tracked = now.topics(), producer.client._topics
             for topic in present - known:
                 if topic in tracked:
-                    self.mark_absent(topic, producer)
+                    self.mark_absent(topic, producer, deleted=True)
             for topic in kafka.pending_topics(producer):
                 if self._absent_now(topic):
                     self.mark_absent(topic, producer)
@@ -137,3 +156,36 @@ class ReplyRoutes:
                 self.mark_absent(topic, producer)
             elif len(self._counts) < 10_000:
                 self._counts[topic] = count
+
+
+class _GoneReplyTopics(logging.Filter):
+    """Holds back aiokafka's ERROR for a private reply topic missing from a metadata refresh (its client closed and
+    deleted it; the worker says so itself, at INFO), the first time for each topic: the producer stops asking about
+    the topic then, so a second line would say that it did not."""
+
+    LOGGER = "aiokafka.cluster"
+    MESSAGE = "Topic %s not found in cluster metadata"
+
+    def __init__(self, routes: ReplyRoutes) -> None:
+        super().__init__()
+        self._routes = weakref.ref(routes)
+        self._held: set[str] = set()  # the topics whose line was held back
+
+    @classmethod
+    def install(cls, routes: ReplyRoutes) -> None:
+        logger = logging.getLogger(cls.LOGGER)
+        for old in [f for f in logger.filters if isinstance(f, cls) and f._routes() is None]:
+            logger.removeFilter(old)  # of a worker that has gone
+        logger.addFilter(cls(routes))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        routes = self._routes()
+        if routes is None or record.msg != self.MESSAGE or not isinstance(record.args, tuple) or not record.args:
+            return True
+        topic = record.args[0]
+        if not isinstance(topic, str) or topic in self._held or not routes.private(topic):
+            return True
+        if len(self._held) >= 10_000:
+            self._held.clear()
+        self._held.add(topic)
+        return False

@@ -9,7 +9,7 @@ log's end. Both delivery modes.
 from __future__ import annotations
 
 import asyncio
-import re
+import logging
 import time
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import UnknownTopicOrPartitionError
 
-from consumers._routes import ReplyRoutes
+from consumers._routes import ReplyRoutes, _GoneReplyTopics
 from producers import StreamerClient
 from schemas import Codec
 from streamer import ClientSettings, WorkerSettings, kafka
@@ -180,9 +180,12 @@ async def test_a_client_that_closes_with_requests_in_flight_costs_the_worker_lit
     # The results that were already with the producer for the deleted topic are failed when the topic is found
     # gone, not left to expire after produce_timeout_ms with the producer asking for metadata all the while:
     # that storm logged 2,900 "not found in cluster metadata" a second, for 30 s.
+    # A client closing is no error: its reply topic's absence is said once, at INFO, and aiokafka's ERROR for
+    # it is held back.
     log = processes.logs()
-    storms = [int(n) for n in re.findall(r"not found in cluster metadata \[(\d+) more like this", log)]
-    assert log.count("not found in cluster metadata") + sum(storms) < 50, storms
+    assert "not found in cluster metadata" not in log
+    assert [line for line in log.splitlines() if gone in line and "ERROR" in line] == []
+    assert f"reply topic {gone!r} was deleted" in log
 
 
 def _count_metadata_requests(client: Any) -> list[int]:
@@ -229,12 +232,14 @@ async def test_a_producer_spaces_its_metadata_requests_while_a_partition_has_no_
 
 
 async def test_a_reply_topic_deleted_under_a_worker_is_found_gone_by_its_producer_refreshes(
-    worker_settings: WorkerSettings
+    worker_settings: WorkerSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker's reply routes listen to its producer's metadata: a reply topic that one refresh had and the next
     has not is gone. Its records the producer holds fail at once (they become dead letters) instead of being
     retried for ever, a refresh each time (the test of a closing client saw 188 "not found in cluster metadata"
-    in 20 s), and the topic is no longer asked about."""
+    in 20 s), and the topic is no longer asked about. A client's reply topic is deleted whenever the client closes:
+    the worker says so at INFO, and aiokafka's ERROR for it is held back."""
+    caplog.set_level(logging.INFO)
     ws = worker_settings
     topic = f"{ws.results_topic}.reply.deleted"
     await kafka.ensure_topics(ws, [kafka.TopicSpec(topic, partitions=1)])
@@ -254,6 +259,35 @@ async def test_a_reply_topic_deleted_under_a_worker_is_found_gone_by_its_produce
         assert routes.refuse(producer.client, ws.results_topic, 0) is None
     finally:
         await producer.stop()
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if topic in r.getMessage()]
+    assert [s for s in said if s[1] not in ("INFO", "WARNING")] == [], said  # no ERROR
+    assert any(name == "streamer.worker" and level == "INFO" and text.startswith(
+        f"reply topic {topic!r} was deleted: results for it go to the dead-letter topic") for name, level, text in said)
+
+
+def test_only_the_first_missing_line_of_a_private_reply_topic_is_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A second "not found" for the same topic means the producer still asks about it (a bug to see); the results
+    topic and a reply topic named in ``reply_topics`` are not a client's own, and keep aiokafka's ERROR."""
+    ws = WorkerSettings(request_topic="req", results_topic="res", reply_topics=["named.replies", "team.*"])
+    routes = ReplyRoutes(ws)
+    _GoneReplyTopics.install(routes)
+    cluster_log = logging.getLogger("aiokafka.cluster")
+    caplog.set_level(logging.INFO)
+    try:
+        for topic in [f"{ws.results_topic}.a", f"{ws.results_topic}.a", "team.b", ws.results_topic,
+                      "named.replies", "elsewhere"]:
+            cluster_log.error("Topic %s not found in cluster metadata", topic)
+        cluster_log.error("Topic %s is not authorized for this client", f"{ws.results_topic}.c")
+    finally:
+        for f in [f for f in cluster_log.filters if isinstance(f, _GoneReplyTopics)]:
+            cluster_log.removeFilter(f)
+    assert [r.getMessage() for r in caplog.records if r.name == "aiokafka.cluster"] == [
+        f"Topic {ws.results_topic}.a not found in cluster metadata",
+        f"Topic {ws.results_topic} not found in cluster metadata",
+        "Topic named.replies not found in cluster metadata",
+        "Topic elsewhere not found in cluster metadata",
+        f"Topic {ws.results_topic}.c is not authorized for this client",
+    ]
 
 
 async def test_a_consumer_spaces_its_metadata_requests_while_a_partition_has_no_leader(
