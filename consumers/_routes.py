@@ -18,7 +18,8 @@ about every topic the producer tracks; they are failed at the next refresh.
 
 A private reply topic (one under a wildcard route, such as ``<results_topic>.*``) is deleted whenever its client
 closes: the worker says so in one INFO line, and aiokafka's ERROR "Topic ... not found in cluster metadata" for it
-is held back. The results topic and the routes named in ``reply_topics`` keep that ERROR.
+(and its WARNINGs of the produce requests in flight to it, retried until it is found gone) are held back. The
+results topic and the routes named in ``reply_topics`` keep them.
 """
 
 from __future__ import annotations
@@ -159,30 +160,39 @@ class ReplyRoutes:
 
 
 class _GoneReplyTopics(logging.Filter):
-    """Holds back aiokafka's ERROR for a private reply topic missing from a metadata refresh (its client closed and
-    deleted it; the worker says so itself, at INFO), the first time for each topic: the producer stops asking about
-    the topic then, so a second line would say that it did not."""
+    """Holds back what aiokafka logs of a private reply topic deleted by its closing client (the worker says it
+    itself, at INFO): the ERROR of the metadata refresh that misses it, the first time for each topic (the
+    producer stops asking about the topic then, so a second line would say that it did not), and the WARNINGs
+    of the produce requests that were in flight to it (retried until it is found gone)."""
 
-    LOGGER = "aiokafka.cluster"
-    MESSAGE = "Topic %s not found in cluster metadata"
+    MISSING = ("aiokafka.cluster", "Topic %s not found in cluster metadata")
+    RETRY = ("aiokafka.producer.sender", "Got error produce response on topic-partition %s, retrying. Error: %s")
 
     def __init__(self, routes: ReplyRoutes) -> None:
         super().__init__()
         self._routes = weakref.ref(routes)
-        self._held: set[str] = set()  # the topics whose line was held back
+        self._held: set[str] = set()  # the topics whose missing line was held back
 
     @classmethod
     def install(cls, routes: ReplyRoutes) -> None:
-        logger = logging.getLogger(cls.LOGGER)
-        for old in [f for f in logger.filters if isinstance(f, cls) and f._routes() is None]:
-            logger.removeFilter(old)  # of a worker that has gone
-        logger.addFilter(cls(routes))
+        for name, _ in (cls.MISSING, cls.RETRY):
+            logger = logging.getLogger(name)
+            for old in [f for f in logger.filters if isinstance(f, cls) and f._routes() is None]:
+                logger.removeFilter(old)  # of a worker that has gone
+            logger.addFilter(cls(routes))
 
     def filter(self, record: logging.LogRecord) -> bool:
         routes = self._routes()
-        if routes is None or record.msg != self.MESSAGE or not isinstance(record.args, tuple) or not record.args:
+        args = record.args
+        if routes is None or not isinstance(args, tuple) or not args:
             return True
-        topic = record.args[0]
+        said = (record.name, record.msg)
+        if said == self.RETRY:
+            topic, error = getattr(args[0], "topic", None), args[-1]
+            return not (error is UnknownTopicOrPartitionError and isinstance(topic, str) and routes.private(topic))
+        if said != self.MISSING:
+            return True
+        topic = args[0]
         if not isinstance(topic, str) or topic in self._held or not routes.private(topic):
             return True
         if len(self._held) >= 10_000:

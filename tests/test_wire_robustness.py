@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import UnknownTopicOrPartitionError
+from aiokafka.errors import NotLeaderForPartitionError, UnknownTopicOrPartitionError
 
 from consumers._routes import ReplyRoutes, _GoneReplyTopics
 from producers import StreamerClient
@@ -260,27 +260,32 @@ async def test_a_reply_topic_deleted_under_a_worker_is_found_gone_by_its_produce
     finally:
         await producer.stop()
     said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if topic in r.getMessage()]
-    assert [s for s in said if s[1] not in ("INFO", "WARNING")] == [], said  # no ERROR
+    assert [s for s in said if s[0] != "streamer.worker"] == [], said  # no ERROR, no retry WARNING
     assert any(name == "streamer.worker" and level == "INFO" and text.startswith(
         f"reply topic {topic!r} was deleted: results for it go to the dead-letter topic") for name, level, text in said)
 
 
 def test_only_the_first_missing_line_of_a_private_reply_topic_is_held_back(caplog: pytest.LogCaptureFixture) -> None:
     """A second "not found" for the same topic means the producer still asks about it (a bug to see); the results
-    topic and a reply topic named in ``reply_topics`` are not a client's own, and keep aiokafka's ERROR."""
+    topic and a reply topic named in ``reply_topics`` are not a client's own, and keep aiokafka's ERROR. A produce
+    retry for a client's own topic is held back only when the topic is unknown to the broker."""
     ws = WorkerSettings(request_topic="req", results_topic="res", reply_topics=["named.replies", "team.*"])
     routes = ReplyRoutes(ws)
     _GoneReplyTopics.install(routes)
-    cluster_log = logging.getLogger("aiokafka.cluster")
+    cluster_log, sender_log = logging.getLogger("aiokafka.cluster"), logging.getLogger("aiokafka.producer.sender")
     caplog.set_level(logging.INFO)
+    retry = "Got error produce response on topic-partition %s, retrying. Error: %s"
     try:
         for topic in [f"{ws.results_topic}.a", f"{ws.results_topic}.a", "team.b", ws.results_topic,
                       "named.replies", "elsewhere"]:
             cluster_log.error("Topic %s not found in cluster metadata", topic)
+            sender_log.warning(retry, TopicPartition(topic, 0), UnknownTopicOrPartitionError)
         cluster_log.error("Topic %s is not authorized for this client", f"{ws.results_topic}.c")
+        sender_log.warning(retry, TopicPartition(f"{ws.results_topic}.a", 0), NotLeaderForPartitionError)
     finally:
-        for f in [f for f in cluster_log.filters if isinstance(f, _GoneReplyTopics)]:
-            cluster_log.removeFilter(f)
+        for logger in (cluster_log, sender_log):
+            for f in [f for f in logger.filters if isinstance(f, _GoneReplyTopics)]:
+                logger.removeFilter(f)
     assert [r.getMessage() for r in caplog.records if r.name == "aiokafka.cluster"] == [
         f"Topic {ws.results_topic}.a not found in cluster metadata",
         f"Topic {ws.results_topic} not found in cluster metadata",
@@ -288,6 +293,8 @@ def test_only_the_first_missing_line_of_a_private_reply_topic_is_held_back(caplo
         "Topic elsewhere not found in cluster metadata",
         f"Topic {ws.results_topic}.c is not authorized for this client",
     ]
+    assert [r.args[0].topic for r in caplog.records if r.name == "aiokafka.producer.sender"] == [  # type: ignore[index,union-attr]
+        ws.results_topic, "named.replies", "elsewhere", f"{ws.results_topic}.a"]
 
 
 async def test_a_consumer_spaces_its_metadata_requests_while_a_partition_has_no_leader(
