@@ -98,11 +98,19 @@ def free_ports(n: int) -> list[int]:
 def free_port() -> int:
     return free_ports(1)[0]
 
+_JIT = {"full": [], "quick": ["-XX:TieredStopAtLevel=1"]}  # LocalKafka's jit: the JVM options of each
+
+
 class LocalKafka:
     """One KRaft node acting as broker and controller, on loopback ports.
 
     ``data_dir`` keeps the data across restarts (formatted on first use only);
     without it a temporary folder is used and removed at :meth:`stop`.
+
+    ``jit``: ``"full"`` (the JVM's default, for a broker that runs a while: its optimising compiler makes the
+    fastest code, after it spent a core or so compiling for the first minute of load) or ``"quick"`` (its first
+    compiler only, ``-XX:TieredStopAtLevel=1``: for a broker of a few minutes, such as the demo's, which it starts
+    with half the CPU and serves at once without a compiling phase; BENCHMARKS.md, "The demo's broker").
     """
 
     def __init__(
@@ -119,7 +127,11 @@ class LocalKafka:
         cluster_id: str | None = None,
         scram_users: dict[str, str] | None = None,
         ssl_keystore: str | Path | None = None,
+        jit: str = "full",
     ) -> None:
+        if jit not in _JIT:
+            raise ValueError(f"jit must be one of {sorted(_JIT)}, not {jit!r}")
+        self.jit = jit
         self.node_id = node_id
         self.voters = voters  # "1@host:port,2@host:port,..." for a multi-node cluster
         self.cluster_id = cluster_id
@@ -228,6 +240,11 @@ class LocalKafka:
         props.update(self.extra)
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
+    def jvm_options(self) -> list[str]:
+        """The broker JVM's options: heap, collector, and the compilers ``jit`` says."""
+        return [*_JIT[self.jit], f"-Xmx{self.heap_mb}m", f"-Xms{self.heap_mb}m", "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
+
     def start(self, timeout_s: float = 60.0) -> LocalKafka:
         """Format (first use only), launch, and wait until the broker is serving."""
         self.launch()
@@ -265,11 +282,8 @@ class LocalKafka:
             )
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting the Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
-        cmd = [
-            java, f"-Xmx{self.heap_mb}m", f"-Xms{self.heap_mb}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-            "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.data_dir}",
-            f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(conf),
-        ]
+        cmd = [java, *self.jvm_options(), f"-Dkafka.logs.dir={self.data_dir}", f"-Dlog4j2.configurationFile={log4j}",
+               "-cp", classpath, "kafka.Kafka", str(conf)]
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         out = (self.data_dir / "broker.out").open("ab")
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -26,6 +26,15 @@ def test_generated_cluster_ids_never_begin_with_a_dash() -> None:
     assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
 
 
+def test_a_quick_broker_runs_the_first_compiler_only() -> None:
+    # The demo's broker (a minute long) skips the optimising compiler's first minute of compiling; the others
+    # keep the JVM's default. The demo test starts one for real.
+    assert "-XX:TieredStopAtLevel=1" in LocalKafka(jit="quick").jvm_options()
+    assert not any(o.startswith("-XX:TieredStopAtLevel") for o in LocalKafka().jvm_options())
+    with pytest.raises(ValueError, match="jit must be one of"):
+        LocalKafka(jit="fast")
+
+
 def test_ports_picked_for_a_node_or_a_cluster_are_distinct() -> None:
     # Picked one at a time, two ports of a node could be the same (CI once formatted a cluster node with
     # PLAINTEXT and CONTROLLER both on 45137, which Kafka refuses).

@@ -44,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
     broker = None
     if not external:
         console.print("[bold]starting Apache Kafka[/] (jars from Maven Central, cached after the first run)")
-        broker = LocalKafka().start()
+        broker = LocalKafka(jit="quick").start()  # a broker of a minute: no compiling phase (BENCHMARKS.md)
         args.bootstrap_servers = broker.bootstrap_servers
     workdir = Path(tempfile.mkdtemp(prefix="streamer-demo-"))
     workers: list[WorkerProcess] = []
