@@ -24,15 +24,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_worker import machine  # noqa: E402
+from bench.bench_worker import _cpu_seconds, machine  # noqa: E402
 from streamer.broker import LocalKafka  # noqa: E402
 
 KINDS = ("full", "quick")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one(jit: str, requests: int) -> dict[str, Any]:
@@ -41,13 +36,13 @@ def one(jit: str, requests: int) -> dict[str, Any]:
     try:
         ready_s = time.monotonic() - t0
         assert broker.pid is not None
-        start_cpu = _cpu_s(broker.pid)
+        start_cpu = _cpu_seconds(broker.pid)
         done = subprocess.run(
             [sys.executable, "-m", "streamer", "demo", "--bootstrap-servers", broker.bootstrap_servers,
              "--workers", "2", "--requests", str(requests), "--no-progress"],
             capture_output=True, text=True, timeout=600, check=True, cwd=ROOT,
             env={**os.environ, "COLUMNS": "400"})
-        demo_cpu = _cpu_s(broker.pid) - start_cpu
+        demo_cpu = _cpu_seconds(broker.pid) - start_cpu
     finally:
         broker.stop()
     text = " ".join(done.stderr.split())

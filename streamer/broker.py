@@ -98,6 +98,7 @@ def free_ports(n: int) -> list[int]:
 def free_port() -> int:
     return free_ports(1)[0]
 
+
 _JIT = {"full": [], "quick": ["-XX:TieredStopAtLevel=1"]}  # LocalKafka's jit: the JVM options of each
 
 
