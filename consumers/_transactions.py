@@ -34,9 +34,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.client import CoordinationType
+from aiokafka.errors import KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.producer import sender as _sender
 
 from streamer import kafka
@@ -48,6 +50,7 @@ from streamer.status import member_cards
 from ._batch import Batch
 from ._group_fencing import Committed, Member, UnstableOffsets, fetch_offsets, group_commit
 from ._outbox import Delivery, Outbox
+from ._routes import ReplyRoutes
 
 __all__ = ["TransactionWindows"]
 
@@ -115,6 +118,7 @@ class TransactionWindows:
     async def _start(self) -> AIOKafkaProducer:
         producer = self._new_producer(self.transactional_id)
         group_commit(producer, lambda: self.member, self.transactional_id, self.settings.group_id)
+        drop_gone_partitions(producer, self.outbox.routes)
         try:
             await kafka.start(self.settings, producer)
         except BaseException:
@@ -364,6 +368,43 @@ class TransactionWindows:
         await self._stop_taking(list(self.taking))
         await self.commit()
         await self._discard()
+
+
+class _AddPartitions(_sender.AddPartitionsToTxnHandler):  # type: ignore[misc]
+    """aiokafka's AddPartitionsToTxn, noting the topics the cluster said it does not know."""
+
+    def __init__(self, sender: Any, tps: Any) -> None:
+        super().__init__(sender, tps)
+        self.unknown: set[str] = set()
+
+    def handle_response(self, resp: Any) -> float | None:
+        self.unknown = {topic for topic, partitions in resp.errors for _, code in partitions
+                        if code == UnknownTopicOrPartitionError.errno}
+        retry: float | None = super().handle_response(resp)
+        return retry
+
+
+def drop_gone_partitions(producer: AIOKafkaProducer, routes: ReplyRoutes) -> None:
+    """Make ``producer`` drop from the partitions waiting to join its transaction those of a topic the cluster
+    says is gone (a client's reply topic, deleted as the client closed). aiokafka would ask to add them again
+    for ever, and the broker adds none of a request's partitions while one is unknown (the others are
+    OPERATION_NOT_ATTEMPTED): no record of the transaction would go, and its commit would wait for ever (a
+    reply topic deleted after the outbox checked its route, while the producer's metadata still had it). The
+    record batches held for the topic fail (``ReplyRoutes.mark_absent``), so the transaction aborts and is redone,
+    their outcome this time a dead letter. Before the producer starts."""
+    sender = producer._sender
+    txn = producer._txn_manager
+
+    async def _do_add_partitions_to_txn(tps: Any) -> bool:
+        node_id = await sender._find_coordinator(CoordinationType.TRANSACTION, txn.transactional_id)
+        handler = _AddPartitions(sender, tps)
+        done: bool = await handler.do(node_id)
+        for topic in sorted(handler.unknown):
+            if await routes.confirm_absent(producer, topic):
+                txn._pending_txn_partitions -= {tp for tp in txn._pending_txn_partitions if tp.topic == topic}
+        return done
+
+    sender._do_add_partitions_to_txn = _do_add_partitions_to_txn
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

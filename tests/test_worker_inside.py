@@ -1,5 +1,6 @@
 """The worker's inside, in process on the real broker: the model overlaps publishing, and exactly-once
-transactions span batches when more work is at hand, their producers started on assignment."""
+transactions span batches when more work is at hand, their producers started on assignment, and go on without
+a reply topic deleted under them."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from consumers import Worker
 from consumers._batch import Batch
+from consumers._routes import ReplyRoutes
+from consumers._transactions import drop_gone_partitions
 from producers import StreamerClient
+from streamer import kafka
 from streamer.config import ClientSettings, WorkerSettings
 from streamer.models import TinyMLP, load_model
+
+from .faults.load import drain
 
 pytestmark = pytest.mark.kafka
 
@@ -125,3 +132,34 @@ async def test_exactly_once_starts_its_producers_on_assignment(
         await worker.stop()
     assert len({r.id for r in results}) == 200 and all(r.status == "ok" for r in results)
     assert arrived == sorted(arrived)  # one key: results in the order of the requests
+
+
+async def test_a_transaction_goes_on_without_a_topic_deleted_under_it(created_topics: WorkerSettings) -> None:
+    """A client's reply topic deleted after the worker checked the route, while its producer's metadata still has
+    it: aiokafka asks to add its partition to the transaction every 100 ms for ever, and the broker adds none of
+    the transaction's other partitions while one is unknown, so nothing of the transaction would be written and
+    its commit would never end. The partition is dropped once the cluster says the topic is gone: the records
+    for it fail (the worker's transaction then aborts, and is redone with dead letters for them); here, where
+    nothing aborts it, the rest of the transaction commits."""
+    ws = created_topics
+    gone = f"{ws.results_topic}.reply.closed-client"
+    await kafka.ensure_topics(ws, [kafka.TopicSpec(gone, partitions=1)])
+    producer = kafka.producer(ws, transactional_id=f"{ws.group_id}.gone-topic")
+    drop_gone_partitions(producer, ReplyRoutes(ws))
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await (await producer.send(gone, b"before", partition=0))  # the producer knows the topic
+        await producer.commit_transaction()
+        await kafka.delete_topics(ws, [gone])
+        await producer.begin_transaction()
+        lost = await producer.send(gone, b"lost", partition=0)
+        kept = await producer.send(ws.results_topic, b"kept", partition=0)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            await asyncio.wait_for(lost, 30)
+        await asyncio.wait_for(producer.commit_transaction(), 30)
+        await kept
+    finally:
+        await asyncio.wait_for(producer.stop(), 30)  # without the drop, stopping waits for ever on the records
+    records = await drain(ws, ws.results_topic, idle_s=1.0, isolation_level="read_committed")
+    assert [r.value for r in records] == [b"kept"]
