@@ -7,9 +7,11 @@ One broker, warmed up first (``bench_worker.warm_broker``), tiny-mlp, 4 partitio
 ``--rate R``: p50/p99 at R requests/s for ``--seconds``, after 500 to warm up (results read ``read_committed``,
 as the client reads them); ``--rate 0``: saturation (``--requests``); ``--half``: at half of the saturation
 ``alo`` reaches on this machine, measured first (the issue's goal is set there, and a rate fixed on one machine
-is near saturation on a slower one). Medians, and per-round ratios to ``alo``.
-Writes bench/results/eos[-half|-saturation].json.
-Usage: python bench/bench_eos.py [--rate 3000 | --half] [--repeats 5] [--baseline DIR]
+is near saturation on a slower one). ``--transaction-ms 25,50`` adds exactly-once variants with those
+``transaction_ms`` (``eos-25ms``, ...). Each run also records how busy the machine was (``machine_busy``, share of
+all its cores, from /proc/stat) and the broker's CPU (``broker_cores``). Medians, and per-round ratios to ``alo``.
+Writes bench/results/eos[-half|-saturation].json (or ``--out NAME``).
+Usage: python bench/bench_eos.py [--rate 3000 | --half] [--repeats 5] [--baseline DIR] [--transaction-ms 25]
 """
 
 from __future__ import annotations
@@ -19,25 +21,43 @@ import asyncio
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_worker import Run, machine, warm_broker  # noqa: E402
+from bench.bench_worker import Run, _cpu_seconds, machine, warm_broker  # noqa: E402
 from streamer.broker import LocalKafka  # noqa: E402
 
 
-async def one(variant: str, bootstrap: str, rate: float, seconds: float, requests: int,
+def _machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the machine so far, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+async def one(variant: str, broker: LocalKafka, rate: float, seconds: float, requests: int,
               baseline: str) -> dict[str, Any]:
-    run = Run("streamer" if variant == "alo" else "streamer-eos", bootstrap, "tiny-mlp")
+    run = Run("streamer" if variant == "alo" else "streamer-eos", broker.bootstrap_servers, "tiny-mlp")
     if variant.endswith("@base"):
         run.cwd = baseline
         run.env = {"PYTHONPATH": baseline}
+    if variant.endswith("ms") and "-" in variant:  # eos-<ms>ms: another transaction_ms
+        run.env["STREAMER_TRANSACTION_MS"] = variant.split("-", 1)[1].removesuffix("ms")
     await run.start()
     try:
-        return await run.drive(int(rate * seconds) if rate else requests, rate or None, warmup=500)
+        pid = broker.pid
+        assert pid is not None
+        ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
+        out = await run.drive(int(rate * seconds) if rate else requests, rate or None, warmup=500)
+        (total, idle), (total0, idle0) = _machine_ticks(), ticks
+        # What else ran meanwhile (the broker, the load generator): on two cores, a rate half the saturation
+        # of at-least-once is not half the machine.
+        out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
+        out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
+        return out
     finally:
         await run.stop()
 
@@ -51,36 +71,41 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="at saturation")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline", default="", help="a checkout of an earlier commit, for eos@base")
+    ap.add_argument("--out", default="", help="the results file's name in bench/results (default: by the mode)")
+    ap.add_argument("--transaction-ms", default="",
+                    help="comma-separated transaction_ms values to run as more variants (eos-<ms>ms)")
     ap.add_argument("--warmup-rounds", type=int, default=1,
                     help="rounds run first and not counted, after the broker's warm-up (bench_worker.warm_broker: "
                          "a fresh broker's first transactions create its transaction log, and its JIT compiles)")
     args = ap.parse_args()
-    variants = ["alo", "eos"] + (["eos@base"] if args.baseline else [])
+    variants = (["alo", "eos"] + (["eos@base"] if args.baseline else [])
+                + [f"eos-{ms.strip()}ms" for ms in args.transaction_ms.split(",") if ms.strip()])
     broker = LocalKafka().start()
     rounds: list[dict[str, Any]] = []
     saturation = None
     try:
         await warm_broker(broker, ("streamer", "streamer-eos"))
         if args.half:
-            saturation = statistics.median([(await one("alo", broker.bootstrap_servers, 0, 0, args.requests, ""))
+            saturation = statistics.median([(await one("alo", broker, 0, 0, args.requests, ""))
                                             ["throughput"] for _ in range(3)])
             args.rate = round(saturation / 2, -2)
             print(f"at-least-once saturation {saturation:,.0f}/s: measuring at {args.rate:,.0f}/s", flush=True)
         for i in range(-args.warmup_rounds, args.repeats):
             turn = i % len(variants)  # each variant first in turn: none always runs after the same one
-            r = {v: await one(v, broker.bootstrap_servers, args.rate, args.seconds, args.requests, args.baseline)
+            r = {v: await one(v, broker, args.rate, args.seconds, args.requests, args.baseline)
                  for v in variants[turn:] + variants[:turn]}
             if i >= 0:
                 rounds.append(r)
             label = "round" if i >= 0 else "warm-up round"
             print(f"{label} {i}: " + ", ".join(f"{v} p50 {x['p50_ms']:.1f} ms p99 {x['p99_ms']:.1f} ms "
-                                            f"{x['throughput']:,.0f}/s {x['cpu_s_per_request'] * 1e6:.0f} µs"
+                                            f"{x['throughput']:,.0f}/s {x['cpu_s_per_request'] * 1e6:.0f} µs, "
+                                            f"machine {x['machine_busy']:.0%} busy, broker {x['broker_cores']:.2f}"
                                             for v, x in r.items()), flush=True)
     finally:
         broker.stop()
     summary: dict[str, Any] = {}
     for v in variants:
-        for field in ("p50_ms", "p99_ms", "throughput", "cpu_s_per_request"):
+        for field in ("p50_ms", "p99_ms", "throughput", "cpu_s_per_request", "machine_busy", "broker_cores"):
             summary[f"{v}.{field}"] = statistics.median(r[v][field] for r in rounds)
         if v != "alo":
             for field in ("p50_ms", "throughput"):
@@ -90,7 +115,7 @@ async def main() -> None:
     out = {"machine": machine(), "rate": args.rate, "alo_saturation": saturation, "baseline": args.baseline,
            "rounds": rounds, "summary": summary}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    name = "eos-half.json" if args.half else "eos.json" if args.rate else "eos-saturation.json"
+    name = args.out or ("eos-half.json" if args.half else "eos.json" if args.rate else "eos-saturation.json")
     (ROOT / "bench" / "results" / name).write_text(json.dumps(out, indent=2))
     print(json.dumps(summary, indent=2))
 
