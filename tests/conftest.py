@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,17 @@ from streamer import ClientSettings, WorkerSettings, kafka
 from streamer.config import KafkaSettings
 
 pytest_plugins = ["tests.helpers"]
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (``timeout``, CI cancelling a job) ends the session as Ctrl-C does, so fixtures are torn down and
+    the brokers and workers they started are stopped: they run in sessions of their own, so the signal does not
+    reach them, and Python's default for SIGTERM tears nothing down (two brokers outlived a run stopped so)."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 class _Broker:
