@@ -103,8 +103,9 @@ class Worker:
         # A fetch waits at the broker for a batch's worth of records, for at most the batch's own wait, rather than
         # coming back with the first record: one fetch (and one socket write each side) per batch, not per
         # record or two. The batch queue counts that wait as waited (see _enqueue). Off with a latency target
-        # (it chooses the wait as it goes) and below 1 ms.
-        self._fetch_wait_ms = 0 if self.target is not None else int(settings.max_wait_ms)
+        # (it chooses the wait as it goes) and below 1 ms; at most aiokafka's default 500 ms (a fetch must come
+        # back well within request_timeout_ms), the batch queue waiting the rest.
+        self._fetch_wait_ms = 0 if self.target is not None else min(int(settings.max_wait_ms), _FETCH_WAIT_MS)
         self._record_bytes = 0.0  # the records' mean size, for the bytes a fetch waits for
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
@@ -417,6 +418,8 @@ class Worker:
         self._epochs[tp] += 1
         self._queue.drop(lambda key: key[0] != tp)
 
+
+_FETCH_WAIT_MS = 500  # the longest a worker's fetch waits at the broker for a batch's worth of records
 
 # The cyclic collector runs a young-generation pass every 700 allocations by default: a batch of records makes
 # thousands of short-lived objects (freed by reference counting, cycle-free), so pass less often.
