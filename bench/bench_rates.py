@@ -15,15 +15,13 @@ import asyncio
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_eos import _machine_ticks  # noqa: E402
-from bench.bench_worker import Run, _cpu_seconds, machine, warm_broker  # noqa: E402
+from bench.bench_worker import Run, drive_measured, machine, warm_broker  # noqa: E402
 from streamer.broker import LocalKafka  # noqa: E402
 
 
@@ -35,14 +33,7 @@ async def one(variant: str, broker: LocalKafka, rate: float, seconds: float, req
         run.env = {"PYTHONPATH": baseline}
     await run.start()
     try:
-        pid = broker.pid
-        assert pid is not None
-        ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
-        out = await run.drive(int(rate * seconds) if rate else requests, rate or None, warmup=500)
-        (total, idle), (total0, idle0) = _machine_ticks(), ticks
-        out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
-        out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
-        return out
+        return await drive_measured(run, broker, int(rate * seconds) if rate else requests, rate or None)
     finally:
         await run.stop()
 

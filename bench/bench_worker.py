@@ -66,6 +66,26 @@ def jit_cpu_seconds(pid: int) -> float:
     return total
 
 
+def _machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the machine so far, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+async def drive_measured(run: Run, broker: LocalKafka, n: int, rate: float | None, warmup: int = 500) -> dict[str, Any]:
+    """``run.drive``, and what else ran meanwhile: how busy the whole machine was (``machine_busy``, a share of all
+    its cores) and the broker's CPU (``broker_cores``). On two cores, a rate half the saturation of at-least-once
+    is not half the machine."""
+    pid = broker.pid
+    assert pid is not None
+    ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
+    out = await run.drive(n, rate, warmup=warmup)
+    (total, idle), (total0, idle0) = _machine_ticks(), ticks
+    out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
+    out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
+    return out
+
+
 async def warm_broker(broker: LocalKafka, variants: tuple[str, ...] = ("streamer",), requests: int = 20000,
                       quiet: float = 0.05, max_s: float = 300.0) -> None:
     """Load a fresh broker at saturation, with each of ``variants`` in turn, until its JIT compiler threads use
