@@ -39,11 +39,7 @@ async def one(variant: str, broker: LocalKafka, rate: float, seconds: float, req
         run.env = {"PYTHONPATH": baseline}
     if variant.endswith("ms") and "-" in variant:  # eos-<ms>ms: another transaction_ms
         run.env["STREAMER_TRANSACTION_MS"] = variant.split("-", 1)[1].removesuffix("ms")
-    await run.start()
-    try:
-        return await drive_measured(run, broker, int(rate * seconds) if rate else requests, rate or None)
-    finally:
-        await run.stop()
+    return await drive_measured(run, broker, int(rate * seconds) if rate else requests, rate or None)
 
 
 async def main() -> None:

@@ -31,11 +31,7 @@ async def one(variant: str, broker: LocalKafka, rate: float, seconds: float, req
     if variant == "base":
         run.cwd = baseline
         run.env = {"PYTHONPATH": baseline}
-    await run.start()
-    try:
-        return await drive_measured(run, broker, int(rate * seconds) if rate else requests, rate or None)
-    finally:
-        await run.stop()
+    return await drive_measured(run, broker, int(rate * seconds) if rate else requests, rate or None)
 
 
 async def main() -> None:

@@ -73,17 +73,21 @@ def _machine_ticks() -> tuple[int, int]:
 
 
 async def drive_measured(run: Run, broker: LocalKafka, n: int, rate: float | None, warmup: int = 500) -> dict[str, Any]:
-    """``run.drive``, and what else ran meanwhile: how busy the whole machine was (``machine_busy``, a share of all
-    its cores) and the broker's CPU (``broker_cores``). On two cores, a rate half the saturation of at-least-once
-    is not half the machine."""
+    """Start ``run``, ``run.drive`` it and stop it, noting what else ran meanwhile: how busy the whole machine was
+    (``machine_busy``, a share of all its cores) and the broker's CPU (``broker_cores``). On two cores, a rate
+    half the saturation of at-least-once is not half the machine."""
     pid = broker.pid
     assert pid is not None
-    ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
-    out = await run.drive(n, rate, warmup=warmup)
-    (total, idle), (total0, idle0) = _machine_ticks(), ticks
-    out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
-    out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
-    return out
+    await run.start()
+    try:
+        ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
+        out = await run.drive(n, rate, warmup=warmup)
+        (total, idle), (total0, idle0) = _machine_ticks(), ticks
+        out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
+        out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
+        return out
+    finally:
+        await run.stop()
 
 
 async def warm_broker(broker: LocalKafka, variants: tuple[str, ...] = ("streamer",), requests: int = 20000,
