@@ -100,13 +100,6 @@ class Worker:
         # Batching to a latency target: the batch limit and wait, chosen before each batch (streamer.batching).
         self.target = (LatencyTarget(settings.latency_target_ms, settings.max_batch_size)
                        if settings.latency_target_ms else None)
-        # A fetch waits at the broker for a batch's worth of records, for at most the batch's own wait, rather than
-        # coming back with the first record: one fetch (and one socket write each side) per batch, not per
-        # record or two. The batch queue counts that wait as waited (see _enqueue). Off with a latency target
-        # (it chooses the wait as it goes) and below 1 ms; at most aiokafka's default 500 ms (a fetch must come
-        # back well within request_timeout_ms), the batch queue waiting the rest.
-        self._fetch_wait_ms = 0 if self.target is not None else min(int(settings.max_wait_ms), _FETCH_WAIT_MS)
-        self._record_bytes = 0.0  # the records' mean size, for the bytes a fetch waits for
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
         self._paused = False
@@ -126,7 +119,6 @@ class Worker:
             max_poll_interval_ms=settings.max_poll_interval_ms,
             max_poll_records=settings.max_batch_size,
             isolation_level="read_committed",  # never read what an aborted transaction wrote
-            **({"fetch_max_wait_ms": self._fetch_wait_ms} if self._fetch_wait_ms else {}),
         )
         self._producer = kafka.producer(settings, client_id=f"{settings.client_id}-worker-{self.name}",
                                         max_batch_size=settings.producer_batch_bytes,
@@ -368,28 +360,13 @@ class Worker:
         now = time.monotonic()
         if self.target is not None:
             self.target.arrived(sum(len(records) for records in batches.values()), now)
-        if self._fetch_wait_ms and batches:
-            self._wait_for_a_batch(batches)
         owned = self._consumer.assignment()
         for tp, records in batches.items():
             if tp not in owned or tp in self._revoking or (
                     self._txn is not None and tp in self._txn.taking):
                 continue
             self.telemetry.fetched(len(records))
-            self._queue.put((tp, self._epochs[tp], now), records, waited_s=self._fetch_wait_ms / 1000)
-
-    def _wait_for_a_batch(self, batches: dict[TopicPartition, list[Any]]) -> None:
-        """The bytes the next fetches wait for at the broker: a full batch of records of the mean size seen (the
-        first record of each run stands for its run)."""
-        count = size = 0
-        for records in batches.values():
-            value = records[0].value
-            count += len(records)
-            size += len(records) * (len(value) if value is not None else 0)
-        if count:
-            mean = size / count
-            self._record_bytes = mean if not self._record_bytes else 0.8 * self._record_bytes + 0.2 * mean
-            self._consumer._fetcher._fetch_min_bytes = max(1, int(self.policy.max_batch_size * self._record_bytes))
+            self._queue.put((tp, self._epochs[tp], now), records)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: stop fetching while the queue is full.
@@ -418,8 +395,6 @@ class Worker:
         self._epochs[tp] += 1
         self._queue.drop(lambda key: key[0] != tp)
 
-
-_FETCH_WAIT_MS = 500  # the longest a worker's fetch waits at the broker for a batch's worth of records
 
 # The cyclic collector runs a young-generation pass every 700 allocations by default: a batch of records makes
 # thousands of short-lived objects (freed by reference counting, cycle-free), so pass less often.

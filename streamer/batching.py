@@ -61,13 +61,11 @@ class BatchQueue(Generic[K, T]):
     def __len__(self) -> int:
         return self._len
 
-    def put(self, key: K, items: list[T], waited_s: float = 0.0) -> None:
-        """``waited_s``: how long the items may have waited already (a fetch that waited at the broker for more):
-        counted in the batch's wait, so it is not waited again here."""
+    def put(self, key: K, items: list[T]) -> None:
         if not items:
             return
         if not self._runs:
-            self._head_since = asyncio.get_running_loop().time() - waited_s
+            self._head_since = asyncio.get_running_loop().time()
         self._runs.append((key, items))
         self._len += len(items)
         self._arrived.set()

@@ -40,20 +40,6 @@ async def test_items_arriving_during_the_wait_join_the_batch() -> None:
     assert _flat(await asyncio.wait_for(task, 5)) == [0, 1, 2]
 
 
-async def test_items_that_waited_at_the_broker_are_not_waited_for_again() -> None:
-    """A fetch that waited for more (the worker's fetches wait up to ``max_wait_ms`` at the broker) brings items
-    whose batch wait is spent: a partial batch of them closes at once, not ``max_wait_ms`` later."""
-    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=100, max_wait_ms=60_000))
-    q.put(1, [1, 2], waited_s=60.0)
-    assert _flat(await asyncio.wait_for(q.next_batch(), 5)) == [1, 2]
-    q.put(2, [3], waited_s=1.0)  # a minute's wait, of which a second is spent: still waiting
-    task = asyncio.create_task(q.next_batch())
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    q.close()
-    assert _flat(await asyncio.wait_for(task, 5)) == [3]
-
-
 async def test_zero_wait_takes_what_is_there() -> None:
     q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=8, max_wait_ms=0))
     q.put(1, [1])
