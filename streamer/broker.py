@@ -346,11 +346,6 @@ class LocalKafka:
         if not self._keep:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def terminate(self) -> None:
-        """Begin a controlled shutdown without waiting (see :meth:`stop`)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         """SIGKILL, as a crash would; the data directory is kept for a restart."""
         if self._proc is not None and self._proc.poll() is None:

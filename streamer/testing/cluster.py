@@ -67,10 +67,10 @@ class LocalKafkaCluster:
         return next(n for n in self.nodes if n.node_id == node_id)
 
     def stop(self) -> None:
-        for node in self.nodes:  # all at once: a node shutting down alone waits for the quorum
-            node.terminate()
+        """Kill every node and delete the cluster's data. A controlled shutdown would only tidy data that is about
+        to be deleted, and with every node of the quorum leaving at once it took up to 20 s per node."""
         for node in self.nodes:
-            node.stop(timeout_s=20)
+            node.kill()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> LocalKafkaCluster:
