@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError
 from schemas import Codec, Limits
 from streamer import kafka
 from streamer.assignors import MemberCard, assignors
-from streamer.batching import BatchPolicy, BatchQueue, LatencyTarget
+from streamer.batching import BatchPolicy, BatchQueue, FetchPacing, LatencyTarget
 from streamer.config import WorkerSettings
 from streamer.logs import quiet
 from streamer.metrics import WorkerMetrics
@@ -100,6 +100,9 @@ class Worker:
         # Batching to a latency target: the batch limit and wait, chosen before each batch (streamer.batching).
         self.target = (LatencyTarget(settings.latency_target_ms, settings.max_batch_size)
                        if settings.latency_target_ms else None)
+        # While records come fast, a fetch waits at the broker for a batch's worth of them (streamer.batching).
+        # Off with a latency target: it chooses the wait as it goes, and its fetches come back at once.
+        self.pacing = FetchPacing(self.policy, time.monotonic()) if self.target is None else None
         self._epochs: defaultdict[TopicPartition, int] = defaultdict(int)
         self._revoking: set[TopicPartition] = set()
         self._paused = False
@@ -360,13 +363,31 @@ class Worker:
         now = time.monotonic()
         if self.target is not None:
             self.target.arrived(sum(len(records) for records in batches.values()), now)
+        waited_s = 0.0
+        if self.pacing is not None:
+            waited_s = self.pacing.waited_s  # as these records were fetched
+            self._pace(batches, now)
         owned = self._consumer.assignment()
         for tp, records in batches.items():
             if tp not in owned or tp in self._revoking or (
                     self._txn is not None and tp in self._txn.taking):
                 continue
             self.telemetry.fetched(len(records))
-            self._queue.put((tp, self._epochs[tp], now), records)
+            self._queue.put((tp, self._epochs[tp], now), records, waited_s=waited_s)
+
+    def _pace(self, batches: dict[TopicPartition, list[Any]], now: float) -> None:
+        """Count a poll's records for the fetch pacing (the first record of each run stands for its run's size),
+        and hand a new pacing to the fetcher: its next fetches use it."""
+        assert self.pacing is not None
+        count = size = 0
+        for records in batches.values():
+            value = records[0].value
+            count += len(records)
+            size += len(records) * (len(value) if value is not None else 0)
+        if self.pacing.seen(count, size, now):
+            fetcher = self._consumer._fetcher  # aiokafka reads both for every fetch request it builds
+            fetcher._fetch_min_bytes = self.pacing.min_bytes
+            fetcher._fetch_max_wait_ms = self.pacing.max_wait_ms
 
     async def _wait_for_room(self) -> None:
         """Backpressure: stop fetching while the queue is full.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["BatchPolicy", "BatchQueue", "Choice", "LatencyTarget"]
+__all__ = ["BatchPolicy", "BatchQueue", "Choice", "FetchPacing", "LatencyTarget"]
 
 EXPECTED_ITEMS = 0.25  # a batch waits only when at least this many more items are expected within the wait
 LIGHT_LOAD = 0.5  # batches wait to fill only below this share of what full batches can serve
@@ -23,6 +23,10 @@ UTILISATION = 0.9  # batches may not be so small that the model is busier than t
 BACKLOG_GAIN = 0.8  # a backlog takes full batches only if they cost at most this share per item of the limit's
 FITTED_SIZES = 16  # the fit is over the batch sizes seen last (a median over every two of them)
 RATE_WINDOW_S = 1.0  # the arrival rate is what arrived in this last while
+PACING_WINDOW_S = 0.25  # a fetch pacing is chosen from what arrived in this last while
+PACED_ABOVE = 1.0  # fetches wait for a batch once more than this many records arrive within the wait ...
+UNPACED_BELOW = 0.5  # ... and come back at the first record again once fewer than this many do
+LONGEST_FETCH_WAIT_MS = 500  # aiokafka's default: a fetch must come back well within request_timeout_ms
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -61,11 +65,13 @@ class BatchQueue(Generic[K, T]):
     def __len__(self) -> int:
         return self._len
 
-    def put(self, key: K, items: list[T]) -> None:
+    def put(self, key: K, items: list[T], waited_s: float = 0.0) -> None:
+        """``waited_s``: how long the items may have waited already (a fetch that waited at the broker for more):
+        counted in the batch's wait, so it is not waited again here."""
         if not items:
             return
         if not self._runs:
-            self._head_since = asyncio.get_running_loop().time()
+            self._head_since = asyncio.get_running_loop().time() - waited_s
         self._runs.append((key, items))
         self._len += len(items)
         self._arrived.set()
@@ -134,6 +140,56 @@ class BatchQueue(Generic[K, T]):
             # The new head has waited since at least now; it was already here.
             self._head_since = asyncio.get_running_loop().time()
         return batch
+
+
+class FetchPacing:
+    """How a worker's fetches wait at the broker: for a batch's worth of records while they come fast, for the
+    first record otherwise.
+
+    Paced, a fetch waits for ``max_batch_size`` records of the mean size seen, for at most ``max_wait_ms``
+    (at most 500 ms): one fetch, and one socket write each side, per batch rather than per record or two. The
+    batch queue then counts that wait as the batch's (``waited_s``). That pays only while more than one record
+    arrives within the wait (``PACED_ABOVE``): with fewer, a paced fetch would come back empty every
+    ``max_wait_ms``, and an idle worker would fetch hundreds of times a second. So below ``UNPACED_BELOW`` a
+    fetch comes back with the first record, or after 500 ms when none comes (aiokafka's defaults). The arrival
+    rate is what :meth:`seen` counted over the last ``PACING_WINDOW_S``.
+    """
+
+    def __init__(self, policy: BatchPolicy, now: float) -> None:
+        self.policy = policy
+        self.wait_ms = min(int(policy.max_wait_ms), LONGEST_FETCH_WAIT_MS)
+        self.paced = False
+        self._record_bytes = 0.0  # the records' mean size (exponentially weighted)
+        self._since = now
+        self._count = 0
+
+    @property
+    def min_bytes(self) -> int:
+        return max(1, int(self.policy.max_batch_size * self._record_bytes)) if self.paced else 1
+
+    @property
+    def max_wait_ms(self) -> int:
+        return self.wait_ms if self.paced else LONGEST_FETCH_WAIT_MS
+
+    @property
+    def waited_s(self) -> float:
+        """How long records fetched now may have waited at the broker already."""
+        return self.wait_ms / 1000 if self.paced else 0.0
+
+    def seen(self, records: int, nbytes: int, now: float) -> bool:
+        """Count a poll's ``records`` (``nbytes`` in all; zero for an empty poll); True when :attr:`min_bytes` or
+        :attr:`max_wait_ms` changed."""
+        before = (self.min_bytes, self.max_wait_ms)
+        if records:
+            mean = nbytes / records
+            self._record_bytes = mean if not self._record_bytes else 0.8 * self._record_bytes + 0.2 * mean
+            self._count += records
+        elapsed = now - self._since
+        if elapsed >= PACING_WINDOW_S:
+            expected = self._count / elapsed * self.wait_ms / 1000  # records arriving within one wait
+            self.paced = self.wait_ms >= 1 and expected > (UNPACED_BELOW if self.paced else PACED_ABOVE)
+            self._since, self._count = now, 0
+        return (self.min_bytes, self.max_wait_ms) != before
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from streamer.batching import BatchPolicy, BatchQueue, LatencyTarget
+from streamer.batching import BatchPolicy, BatchQueue, FetchPacing, LatencyTarget
 
 
 def _flat(batch: list[tuple[int, list[int]]]) -> list[int]:
@@ -38,6 +38,49 @@ async def test_items_arriving_during_the_wait_join_the_batch() -> None:
         await asyncio.sleep(0.01)
         q.put(i, [i])
     assert _flat(await asyncio.wait_for(task, 5)) == [0, 1, 2]
+
+
+async def test_items_that_waited_at_the_broker_are_not_waited_for_again() -> None:
+    """A fetch that waited for more (the worker's fetches wait up to ``max_wait_ms`` at the broker) brings items
+    whose batch wait is spent: a partial batch of them closes at once, not ``max_wait_ms`` later."""
+    q: BatchQueue[int, int] = BatchQueue(BatchPolicy(max_batch_size=100, max_wait_ms=60_000))
+    q.put(1, [1, 2], waited_s=60.0)
+    assert _flat(await asyncio.wait_for(q.next_batch(), 5)) == [1, 2]
+    q.put(2, [3], waited_s=1.0)  # a minute's wait, of which a second is spent: still waiting
+    task = asyncio.create_task(q.next_batch())
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    q.close()
+    assert _flat(await asyncio.wait_for(task, 5)) == [3]
+
+
+def test_fetches_are_paced_only_while_more_than_a_record_arrives_within_the_wait() -> None:
+    """A fetch waits for a batch's worth of bytes (for at most ``max_wait_ms``) once more than one record comes
+    within that wait, and for the first record again (up to 500 ms) once fewer than half a record does."""
+    pacing = FetchPacing(BatchPolicy(max_batch_size=32, max_wait_ms=10), now=0.0)
+    assert (pacing.min_bytes, pacing.max_wait_ms, pacing.waited_s) == (1, 500, 0.0)
+    t = 0.0
+    for _ in range(30):  # 80 records/s: 0.8 within a 10 ms wait, not enough to wait for more
+        t += 0.1
+        pacing.seen(8, 8 * 200, t)
+    assert not pacing.paced
+    changed = [pacing.seen(40, 40 * 200, t + 0.1 * i) for i in range(1, 4)]  # 400/s: 4 within the wait
+    assert pacing.paced and changed[-1] and not changed[-2]  # decided when the 0.25 s window closed
+    assert (pacing.min_bytes, pacing.max_wait_ms, pacing.waited_s) == (32 * 200, 10, 0.01)
+    for i in range(1, 6):  # 60/s: 0.6 within the wait, between the two bounds: stays paced
+        pacing.seen(6, 6 * 200, t + 0.3 + 0.1 * i)
+    assert pacing.paced
+    assert pacing.seen(0, 0, t + 1.2)  # nothing for a while: back to the first record
+    assert (pacing.min_bytes, pacing.max_wait_ms, pacing.waited_s) == (1, 500, 0.0)
+
+
+def test_a_wait_under_a_millisecond_is_never_paced_and_a_long_one_is_capped() -> None:
+    zero = FetchPacing(BatchPolicy(max_batch_size=8, max_wait_ms=0.5), now=0.0)
+    zero.seen(10_000, 10_000, 1.0)
+    assert not zero.paced and zero.max_wait_ms == 500
+    long = FetchPacing(BatchPolicy(max_batch_size=8, max_wait_ms=5_000), now=0.0)
+    long.seen(100, 100, 1.0)
+    assert long.paced and long.max_wait_ms == 500 and long.waited_s == 0.5
 
 
 async def test_zero_wait_takes_what_is_there() -> None:

@@ -1,4 +1,5 @@
-"""The worker's inside, in process on the real broker: the model overlaps publishing, and exactly-once
+"""The worker's inside, in process on the real broker: the model overlaps publishing, fetches wait for a batch only
+while records come fast, and exactly-once
 transactions span batches when more work is at hand, their producers started on assignment, and go on without
 a reply topic deleted under them."""
 
@@ -77,6 +78,46 @@ async def test_the_model_runs_the_next_batch_while_the_last_is_published(
     # batch is published, for most batches; run one after the other, no run would overlap a publishing.
     overlapped = sum(any(s < end and s + 0.03 > start for s in model.started) for start, end in published)
     assert overlapped >= len(published) // 2, (overlapped, len(published))
+
+
+async def test_fetches_wait_for_a_batch_while_records_come_fast_and_not_when_idle(
+    created_topics: WorkerSettings, client_settings: ClientSettings
+) -> None:
+    """Under a steady stream a fetch waits at the broker for a batch's worth of records (8 of about 200 bytes), for
+    at most the batch's wait; idle, it waits for the first record (and 500 ms when none comes), so an idle worker
+    sends a few fetches a second, not one every ``max_wait_ms``."""
+    worker = Worker(created_topics.model_copy(update={"max_batch_size": 8, "max_wait_ms": 20.0}))
+    await worker.start()
+    fetcher = worker._consumer._fetcher
+    sent: list[str] = []
+    send = worker._consumer._client.send
+
+    async def counted(node_id: int, request: Any, **kw: Any) -> Any:
+        sent.append(type(request).__name__)
+        return await send(node_id, request, **kw)
+
+    worker._consumer._client.send = counted  # type: ignore[method-assign]
+    try:
+        await asyncio.sleep(1.5)
+        idle_fetches = sum(1 for name in sent if name.startswith("FetchRequest"))
+        assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (1, 500)
+        assert idle_fetches <= 8, sent  # one broker, 500 ms each: about 3; paced, it would be 75
+        paced: list[tuple[int, int]] = []
+        inputs = load_model("tiny-mlp", "cpu").example_inputs(600, seed=5)
+        async with StreamerClient(client_settings) as client:
+            futures = []
+            for i, x in enumerate(inputs):  # 400 a second: 8 within each 20 ms wait
+                futures.append(await client.submit(x, model="tiny-mlp", key=f"k{i % 8}"))
+                if i % 40 == 39:
+                    paced.append((fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms))
+                    await asyncio.sleep(0.1)
+            results = await asyncio.gather(*futures)
+            assert [r.status for r in results] == ["ok"] * 600
+            await asyncio.sleep(1.0)  # the stream has stopped
+            assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (1, 500)
+    finally:
+        await worker.stop()
+    assert any(wait == 20 and 8 * 100 < min_bytes < 8 * 1000 for min_bytes, wait in paced), paced
 
 
 async def test_exactly_once_transactions_span_batches_under_load(
