@@ -21,6 +21,7 @@ from schemas import Codec, InferenceRequest, RoutingHeaders
 __all__ = ["KeyPartitions", "append_open", "append_record", "fail_pending", "pending_topics", "send_request"]
 
 _OWN_KEY: Any = object()
+QUEUED_BATCHES = 16  # per partition (of max_batch_size bytes each, 16 KiB by default) before a record waits
 
 
 async def send_request(producer: AIOKafkaProducer, topic: str, request: InferenceRequest, codec: Codec,
@@ -39,9 +40,14 @@ async def append_record(producer: AIOKafkaProducer, tp: TopicPartition, key: byt
                         headers: list[tuple[str, bytes]]) -> Any:
     """The producer's open record batch for ``tp`` with the record appended: the one the sender has not taken
     yet, else a new one. Records so share a produce request while the last one is in flight, as
-    ``producer.send`` would, without its per-record future and coroutine. Like ``send``, waits (at most
-    ``request_timeout_ms``) while a full batch for ``tp`` waits for the sender. The record batch's ``future``
+    ``producer.send`` would, without its per-record future and coroutine. The record batch's ``future``
     resolves when it is written (or fails).
+
+    Unlike ``send``, which waits while one full batch for ``tp`` waits for the sender, up to ``QUEUED_BATCHES``
+    batches queue per partition before this waits (at most ``request_timeout_ms``): while a partition has no
+    leader (its broker died, and the cluster has not moved its leadership yet, 9 s by default), records for the
+    others go on, as the Java producer's ``buffer.memory`` allows, rather than every caller stopping at the
+    first record for that partition. The sender takes them in order, one request at a time per partition.
 
     Reads aiokafka's message accumulator: ``_batches``, ``_append_batch``, ``MessageBatch._builder``.
     """
@@ -57,8 +63,9 @@ async def append_record(producer: AIOKafkaProducer, tp: TopicPartition, key: byt
             last = pending[-1]
             if last._builder.append(timestamp=None, key=key, value=value, headers=headers) is not None:
                 return last
-            await last.wait_drain(timeout)  # full: back-pressure, as send has
-            continue
+            if len(pending) >= QUEUED_BATCHES:
+                await pending[0].wait_drain(timeout)  # back-pressure, as send has
+                continue
         batch = acc._append_batch(acc.create_builder(), tp)  # wakes the sender
         batch._builder.append(timestamp=None, key=key, value=value, headers=headers)  # the first record always fits
         return batch

@@ -183,3 +183,34 @@ async def test_requests_sent_one_at_a_time_all_arrive(
         assert not [f for f in futures if f.done()]  # none failed (no worker: none answered either)
         for f in futures:
             f.cancel()
+
+
+async def test_records_for_other_partitions_go_on_while_one_partition_cannot_send() -> None:
+    """A partition whose record batches cannot leave (its leader died, and the cluster has not moved it yet) holds
+    up to ``QUEUED_BATCHES`` full batches before a record for it waits; records for other partitions never wait
+    for it. (``producer.send`` waits at the first full batch: a caller publishing in order would stop for every
+    partition.) The producer is never started, so nothing drains: what a dead leader looks like from here."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    from streamer._produce import QUEUED_BATCHES
+
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", max_batch_size=1024)
+    stuck, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    queued = producer._message_accumulator._batches
+    appended = 0
+    while True:  # append to the stuck partition until a record has to wait
+        waiting = asyncio.ensure_future(kafka.append_record(producer, stuck, None, b"x" * 200, []))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if not waiting.done():
+            break
+        appended += 1
+        assert appended < 10_000
+    assert len(queued[stuck]) == QUEUED_BATCHES and appended > QUEUED_BATCHES, (len(queued[stuck]), appended)
+    assert await asyncio.wait_for(kafka.append_record(producer, other, None, b"x" * 200, []), 1) is not None
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # bounded: the next record for the stuck partition waits for the sender
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    kafka.fail_pending(producer, "t", FatalError("the test is over"))
+    producer._closed = True  # never started: nothing to stop
