@@ -384,10 +384,15 @@ class Worker:
             value = records[0].value
             count += len(records)
             size += len(records) * (len(value) if value is not None else 0)
-        if self.pacing.seen(count, size, now):
+        if self.pacing.seen(count, size, now, self._leaders):
             fetcher = self._consumer._fetcher  # aiokafka reads both for every fetch request it builds
             fetcher._fetch_min_bytes = self.pacing.min_bytes
             fetcher._fetch_max_wait_ms = self.pacing.max_wait_ms
+
+    def _leaders(self) -> int:
+        """How many brokers lead the partitions this worker reads (each gets a fetch of its own)."""
+        cluster = self._consumer._client.cluster
+        return len({cluster.leader_for_partition(tp) for tp in self._consumer.assignment()})
 
     async def _wait_for_room(self) -> None:
         """Backpressure: stop fetching while the queue is full.

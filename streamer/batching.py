@@ -152,7 +152,8 @@ class FetchPacing:
     arrives within the wait (``PACED_ABOVE``): with fewer, a paced fetch would come back empty every
     ``max_wait_ms``, and an idle worker would fetch hundreds of times a second. So below ``UNPACED_BELOW`` a
     fetch comes back with the first record, or after 500 ms when none comes (aiokafka's defaults). The arrival
-    rate is what :meth:`seen` counted over the last ``PACING_WINDOW_S``.
+    rate is what :meth:`seen` counted over the last ``PACING_WINDOW_S``, shared among the brokers fetched from
+    (``nodes``: the consumer sends one fetch per leader at a time, so each leader's share is what counts).
     """
 
     def __init__(self, policy: BatchPolicy, now: float) -> None:
@@ -176,9 +177,9 @@ class FetchPacing:
         """How long records fetched now may have waited at the broker already."""
         return self.wait_ms / 1000 if self.paced else 0.0
 
-    def seen(self, records: int, nbytes: int, now: float) -> bool:
+    def seen(self, records: int, nbytes: int, now: float, nodes: Callable[[], int] = lambda: 1) -> bool:
         """Count a poll's ``records`` (``nbytes`` in all; zero for an empty poll); True when :attr:`min_bytes` or
-        :attr:`max_wait_ms` changed."""
+        :attr:`max_wait_ms` changed. ``nodes``: how many brokers lead the partitions read (asked once a window)."""
         before = (self.min_bytes, self.max_wait_ms)
         if records:
             mean = nbytes / records
@@ -186,7 +187,8 @@ class FetchPacing:
             self._count += records
         elapsed = now - self._since
         if elapsed >= PACING_WINDOW_S:
-            expected = self._count / elapsed * self.wait_ms / 1000  # records arriving within one wait
+            # records arriving at each leader within one wait
+            expected = self._count / elapsed * self.wait_ms / 1000 / max(1, nodes())
             self.paced = self.wait_ms >= 1 and expected > (UNPACED_BELOW if self.paced else PACED_ABOVE)
             self._since, self._count = now, 0
         return (self.min_bytes, self.max_wait_ms) != before

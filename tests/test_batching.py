@@ -74,6 +74,16 @@ def test_fetches_are_paced_only_while_more_than_a_record_arrives_within_the_wait
     assert (pacing.min_bytes, pacing.max_wait_ms, pacing.waited_s) == (1, 500, 0.0)
 
 
+def test_the_rate_that_paces_fetches_is_each_leaders_share() -> None:
+    """Each leader gets a fetch of its own: 250 records/s is 2.5 per 10 ms wait from one broker, which paces its
+    fetches, but 0.8 at each of three, which does not."""
+    one, three = (FetchPacing(BatchPolicy(max_batch_size=32, max_wait_ms=10), now=0.0) for _ in range(2))
+    for i in range(1, 4):
+        one.seen(25, 25 * 200, 0.1 * i)
+        three.seen(25, 25 * 200, 0.1 * i, lambda: 3)
+    assert one.paced and not three.paced
+
+
 def test_a_wait_under_a_millisecond_is_never_paced_and_a_long_one_is_capped() -> None:
     zero = FetchPacing(BatchPolicy(max_batch_size=8, max_wait_ms=0.5), now=0.0)
     zero.seen(10_000, 10_000, 1.0)
