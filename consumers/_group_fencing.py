@@ -38,6 +38,8 @@ from aiokafka.protocol.types import (
     TaggedFields,
 )
 
+from ._verification import refused, settled
+
 __all__ = ["Committed", "GoneFromGroup", "Member", "UnstableOffsets", "fetch_offsets", "group_commit", "member_of"]
 
 UNSTABLE_OFFSET_COMMIT = 88
@@ -167,6 +169,9 @@ class _GroupCommitHandler(TxnOffsetCommitHandler):  # type: ignore[misc]
 
     def handle_response(self, resp: Any) -> float | None:
         txn = self._sender._txn_manager
+        if any(code == Errors.CoordinatorLoadInProgressError.errno for _, ps, _ in resp.topics for _, code, _ in ps):
+            return refused(self._sender)  # the transaction is being verified: soon (``_verification``)
+        settled(self._sender)
         for topic, partitions, _ in resp.topics:
             for partition, error_code, _ in partitions:
                 tp = TopicPartition(topic, partition)

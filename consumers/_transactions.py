@@ -24,6 +24,8 @@ nothing more to do, so light load keeps its latency and saturation does not pay 
 error whose outcome is unknown (a commit whose answer was lost), nothing is guessed: the producer is discarded
 and the transaction's partitions are taken over again, so that the replacement's start settles the
 transaction (aborted if it was open, kept if it was committed) and the stable offsets say where to go on.
+Records and offsets the broker refuses while it verifies the transaction (KIP-890) are retried within ms
+(``_verification``), not after aiokafka's 100 ms.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ._batch import Batch
 from ._group_fencing import Committed, Member, UnstableOffsets, fetch_offsets, group_commit
 from ._outbox import Delivery, Outbox
 from ._routes import ReplyRoutes
+from ._verification import retry_refusals_soon
 
 __all__ = ["TransactionWindows"]
 
@@ -119,6 +122,7 @@ class TransactionWindows:
         producer = self._new_producer(self.transactional_id)
         group_commit(producer, lambda: self.member, self.transactional_id, self.settings.group_id)
         drop_gone_partitions(producer, self.outbox.routes)
+        retry_refusals_soon(producer)
         try:
             await kafka.start(self.settings, producer)
         except BaseException:
