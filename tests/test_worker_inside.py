@@ -1,7 +1,6 @@
 """The worker's inside, in process on the real broker: the model overlaps publishing, fetches wait for a batch only
-while records come fast, and exactly-once
-transactions span batches when more work is at hand, their producers started on assignment, and go on without
-a reply topic deleted under them."""
+while records come fast, and exactly-once transactions span batches when more work is at hand, their producers
+started on assignment, and go on without a reply topic deleted under them."""
 
 from __future__ import annotations
 
