@@ -9,7 +9,10 @@ assignment epoch. ``Committer`` is the seam: the worker commits through its cons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -58,6 +61,12 @@ class OrderedCommits:
 
     ``add`` takes a batch's delivery futures and its offsets; one background task awaits them
     in order and commits. ``drain`` waits until every batch added so far is committed.
+
+    Commits are at least ``interval_s`` apart (like Kafka Streams' ``commit.interval.ms``): batches that come
+    meanwhile share the next one. An offset commit is a request to the group coordinator and a write to
+    ``__consumer_offsets``, for the worker and the broker alike, while the results it follows are already
+    with the client; committing after every batch made it a third of a worker's Kafka requests at moderate
+    rates. ``drain`` (a rebalance, shutdown) commits at once.
     """
 
     def __init__(
@@ -65,8 +74,13 @@ class OrderedCommits:
         committer: Committer,
         current_epoch: Callable[[TopicPartition], int],
         settle: Callable[[Any, BaseException], Awaitable[list[Any]]] | None = None,
+        interval_s: float = 0.0,
     ) -> None:
         self._committer = committer
+        self._interval_s = interval_s
+        self._last = -math.inf  # time.monotonic() of the last commit sent
+        self._draining = 0  # drains waiting: commit what is queued without waiting out the interval
+        self._now = asyncio.Event()
         self._epoch = current_epoch
         # A delivery that failed is handed to ``settle`` (the outbox), which returns the deliveries sent
         # instead (dead letters, or each record alone), or raises when the failure is fatal.
@@ -93,19 +107,33 @@ class OrderedCommits:
         self._queue.put_nowait((list(deliveries), offsets))
 
     async def drain(self) -> None:
-        await self._queue.join()
+        self._draining += 1
+        self._now.set()
+        try:
+            await self._queue.join()
+        finally:
+            self._draining -= 1
+            if not self._draining:
+                self._now.clear()
 
     async def close(self) -> None:
         if self._task is None:
             return
         self._queue.put_nowait(None)
+        self._draining += 1  # never cleared: nothing waits out the interval any more
+        self._now.set()
         await self._task
 
     async def _run(self) -> None:
         """Batches that queued up while the last commit was in flight are committed together: one commit
-        for all of them, once every one of their deliveries is acknowledged (in order)."""
+        for all of them, once every one of their deliveries is acknowledged (in order); and those that came
+        while the interval since the last commit ran out."""
         while True:
             entries = [await self._queue.get()]
+            wait = self._last + self._interval_s - time.monotonic()
+            if wait > 0 and entries[-1] is not None and not self._now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._now.wait(), wait)
             while not self._queue.empty() and entries[-1] is not None:
                 entries.append(self._queue.get_nowait())
             try:
@@ -118,6 +146,7 @@ class OrderedCommits:
                     # Partitions revoked since these records were fetched are not ours to commit.
                     mine.update((tp, off) for tp, (off, epoch) in offsets.items() if epoch == self._epoch(tp))
                 if mine:
+                    self._last = time.monotonic()
                     if await self._committer.commit(mine):
                         self.committed_batches += sum(e is not None for e in entries)
                     else:

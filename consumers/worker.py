@@ -127,7 +127,8 @@ class Worker:
                                         max_batch_size=settings.producer_batch_bytes,
                                         request_timeout_ms=settings.produce_timeout_ms)
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp],
-                                       lambda d, exc: self.outbox.settle(d, exc, self._producer))
+                                       lambda d, exc: self.outbox.settle(d, exc, self._producer),
+                                       interval_s=settings.commit_interval_ms / 1000)
         self._txn = (TransactionWindows(settings, self.name, self.outbox, self._consumer, self._void)
                      if settings.delivery == "exactly-once" else None)
         self.pipeline = Pipeline(self._queue, self.runner, self.outbox, self._producer, self._commits, self._txn,

@@ -62,6 +62,12 @@ class WorkerSettings(KafkaSettings):
         description="exactly-once: how long the worker's transaction may span batches while more "
                     "are ready (like Kafka Streams' commit.interval.ms); an idle worker commits at once",
     )
+    commit_interval_ms: float = Field(
+        default=100.0, ge=0, le=60_000,
+        description="at-least-once: the shortest time between two offset commits (results acknowledged meanwhile "
+                    "share the next one; a worker killed redelivers about this much); rebalances and shutdown "
+                    "commit at once",
+    )
     model: str = Field(default="tiny-mlp", min_length=1)
     model_version: str | None = Field(
         default=None, min_length=1, max_length=200,
