@@ -80,8 +80,11 @@ async def drive_measured(run: Run, broker: LocalKafka, n: int, rate: float | Non
     assert pid is not None
     await run.start()
     try:
+        if warmup:
+            await run.drive(warmup, None)
+        run.prepare(n)
         ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
-        out = await run.drive(n, rate, warmup=warmup)
+        out = await run.drive(n, rate)
         (total, idle), (total0, idle0) = _machine_ticks(), ticks
         out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
         out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
@@ -145,6 +148,7 @@ class Run:
         m = load_model(model, "cpu")  # tiny-mlp's inputs serve the stand-ins too
         self.model_name = f"hop{tag}" if self.hop else m.name
         self.inputs = m.example_inputs(256, seed=1)
+        self._prepared: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
 
     @property
     def proc(self) -> asyncio.subprocess.Process | None:
@@ -226,6 +230,13 @@ max_wait_ms = {WAIT_MS}
     def cpu_seconds(self) -> float:
         return sum(_cpu_seconds(p.pid) for p in self.procs)
 
+    def prepare(self, n: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+        """The next ``drive``'s ``n`` requests, encoded before its clock starts: encoding each one as it went cost
+        the load generator a quarter of its CPU at 3,700/s (0.52 of a core, 0.38 without), on the two cores the
+        measured system runs on."""
+        self._prepared = [self._request(i) for i in range(n)]
+        return self._prepared
+
     def _request(self, i: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
         req = InferenceRequest(id=f"{i:08d}-{uuid.uuid4().hex[:16]}", model=self.model_name,
                                inputs=self.inputs[i % 256], key=f"key-{i % self.keys}",
@@ -243,6 +254,8 @@ max_wait_ms = {WAIT_MS}
         if warmup:
             await self.drive(warmup, None)
         s = self.settings
+        requests = self._prepared if len(self._prepared) == n else self.prepare(n)
+        self._prepared = []
         producer = kafka.producer(s, linger_ms=1)
         consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest",
                                   isolation_level="read_committed")
@@ -254,8 +267,7 @@ max_wait_ms = {WAIT_MS}
         t0 = time.perf_counter()
 
         async def publish() -> None:
-            for i in range(n):
-                value, key, headers = self._request(i)
+            for i, (value, key, headers) in enumerate(requests):
                 rid = headers[2][1].decode()
                 if rate:
                     delay = t0 + i / rate - time.perf_counter()
