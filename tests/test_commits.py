@@ -152,47 +152,55 @@ async def test_the_consumer_committer_commits_only_owned_partitions_and_reports_
     assert not await ConsumerCommitter(moved).commit({P0: 5})  # type: ignore[arg-type]
 
 
-async def test_commits_are_an_interval_apart_and_a_drain_commits_at_once() -> None:
+async def _acknowledged(commits: OrderedCommits, tp: TopicPartition, offset: int) -> None:
+    d = Delivery()
+    d.future.set_result(None)
+    commits.add([d], {tp: (offset, 0)})
+    await _settle()
+
+
+async def test_commits_are_an_interval_apart_and_what_comes_meanwhile_shares_the_next() -> None:
     """Batches acknowledged within ``interval_s`` of the last commit share the next one, which comes when the
-    interval is up even if nothing more arrives; a drain (rebalance, shutdown) does not wait it out."""
+    interval is up even if nothing more arrives."""
     committer = Committed()
     commits = OrderedCommits(committer, lambda _tp: 0, interval_s=0.3)
     commits.start()
     loop = asyncio.get_running_loop()
     times: list[float] = []
+    second = asyncio.Event()
     real_commit = committer.commit
 
     async def commit(offsets: dict[TopicPartition, int]) -> bool:
         times.append(loop.time())
+        if len(times) == 2:
+            second.set()
         return await real_commit(offsets)
 
     committer.commit = commit  # type: ignore[method-assign]
-    t0 = loop.time()
-    for off in (1, 2):  # the first commit goes at once; the second batch waits for the interval
-        d = Delivery()
-        d.future.set_result(None)
-        commits.add([d], {P0: (off, 0)})
-        await _settle()
-    for off in (3, 4):
-        d = Delivery()
-        d.future.set_result(None)
-        commits.add([d], {P1: (off, 0)})
-        await asyncio.sleep(0.05)
+    await _acknowledged(commits, P0, 1)  # the first commit goes at once
     assert committer.offsets == [{P0: 1}]
-    await asyncio.sleep(0.35)  # no drain: the interval ran out
+    for tp, off in ((P0, 2), (P1, 3), (P1, 4)):
+        await _acknowledged(commits, tp, off)
+    assert committer.offsets == [{P0: 1}]  # the rest wait for the interval, then go together
+    async with asyncio.timeout(10):
+        await second.wait()
     assert committer.offsets == [{P0: 1}, {P0: 2, P1: 4}]
-    assert times[0] - t0 < 0.1 and times[1] - times[0] >= 0.29
+    assert times[1] - times[0] >= 0.29
+    await commits.close()
+    assert commits.committed_batches == 4
 
-    d = Delivery()
-    d.future.set_result(None)
-    commits.add([d], {P1: (9, 0)})
-    t1 = loop.time()
-    await commits.drain()  # within the interval since the last commit: at once all the same
-    assert committer.offsets[-1] == {P1: 9} and loop.time() - t1 < 0.1
-    d = Delivery()
-    d.future.set_result(None)
-    commits.add([d], {P1: (10, 0)})
-    t2 = loop.time()
-    await commits.close()  # and so does closing
-    assert committer.offsets[-1] == {P1: 10} and loop.time() - t2 < 0.1
-    assert commits.committed_batches == 6
+
+async def test_a_drain_and_a_close_commit_at_once_within_the_interval() -> None:
+    """A rebalance (drain) and shutdown (close) do not wait out the interval."""
+    committer = Committed()
+    commits = OrderedCommits(committer, lambda _tp: 0, interval_s=60.0)
+    commits.start()
+    await _acknowledged(commits, P0, 1)
+    await _acknowledged(commits, P0, 2)
+    async with asyncio.timeout(10):  # the interval is 60 s
+        await commits.drain()
+    assert committer.offsets == [{P0: 1}, {P0: 2}]
+    await _acknowledged(commits, P1, 5)
+    async with asyncio.timeout(10):
+        await commits.close()
+    assert committer.offsets[-1] == {P1: 5} and commits.committed_batches == 3
