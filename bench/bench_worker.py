@@ -251,11 +251,11 @@ max_wait_ms = {WAIT_MS}
         ``warmup`` requests go first, untimed (a serving process's first batches start its producers).
         Results are read ``read_committed``, as the client reads them (exactly-once results count once
         committed)."""
+        requests = self._prepared if len(self._prepared) == n else self.prepare(n)
+        self._prepared = []  # taken before the warm-up's drive, which would encode its own over them
         if warmup:
             await self.drive(warmup, None)
         s = self.settings
-        requests = self._prepared if len(self._prepared) == n else self.prepare(n)
-        self._prepared = []
         producer = kafka.producer(s, linger_ms=1)
         consumer = kafka.consumer(s, s.results_topic, group_id=None, auto_offset_reset="earliest",
                                   isolation_level="read_committed")
