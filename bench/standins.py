@@ -3,6 +3,10 @@
 - ``embed384``: tiny-mlp's inputs (16 float32) to a 384-d float32 per item, the size of a MiniLM
   embedding: what a framework must carry when outputs are large.
 - ``hop16``: tiny-mlp's inputs passed on: the first stage of a two-stage hop (bench_overhead's ``-hop``).
+- ``ids384``: token ids in (a 1-D int32 tensor of 10-45 ids, as a client that tokenizes sends them, WIRE.md
+  section 5, checked and padded as ``minilm-encode`` does), a 384-d float32 per item out (a mean of embedding
+  rows, normalised): the encode stage of ``minilm-2stage`` without the encoder, so what a stage costs per
+  item outside the model can be measured on a machine without a GPU.
 - ``sleep20`` / ``sleep50``: a fixed 20 / 50 ms per batch (a GPU call that leaves the CPU free), 8 float32
   per item: how busy a framework keeps a model that costs a known time.
 """
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 
 from streamer.models import Model, TinyMLP
+from streamer.models._minilm import pad_ids, token_ids
 
 
 class Embed384(TinyMLP):
@@ -28,6 +33,37 @@ class Embed384(TinyMLP):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(super().forward(batch) @ self.proj, dim=1)
+
+
+class Ids384(Model):
+    name = "ids384"
+    version = "1"
+    vocab = 30522  # all-MiniLM-L6-v2's
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        gen = torch.Generator().manual_seed(384)
+        self.table = torch.randn(self.vocab, 384, generator=gen).to(device)
+
+    def validate(self, inputs: Any) -> Any:
+        return token_ids(inputs, self.vocab)
+
+    def prepare(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_ids(items, self.device)
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch
+        weights = mask.to(self.table.dtype)
+        pooled = torch.nn.functional.embedding_bag(ids, self.table, mode="sum", per_sample_weights=weights)
+        return torch.nn.functional.normalize(pooled / weights.sum(1, keepdim=True), dim=1)
+
+    def split(self, output: torch.Tensor, n: int) -> list[Any]:
+        return list(output.cpu().numpy())
+
+    def example_inputs(self, n: int, seed: int = 0) -> list[Any]:
+        rng = np.random.default_rng(seed)
+        return [np.concatenate(([101], rng.integers(1000, 30000, size=int(rng.integers(8, 44))), [102]))
+                .astype(np.int32) for _ in range(n)]
 
 
 class Hop16(TinyMLP):
@@ -54,6 +90,10 @@ class Sleep(TinyMLP):
 
 def embed384(device: torch.device, **_: Any) -> Model:
     return Embed384(device)
+
+
+def ids384(device: torch.device, **_: Any) -> Model:
+    return Ids384(device)
 
 
 def hop16(device: torch.device, **_: Any) -> Model:
