@@ -5,7 +5,8 @@ variants interleaved after a warm-up round: ``floor`` (a minimal aiokafka batch 
 thread), ``streamer`` (a worker with default settings), ``streamer-1t`` (the worker with one torch
 thread), ``streamer-eos`` (exactly-once) and ``faststream`` (a FastStream batch subscriber,
 bench/faststream_loop.py; skipped unless FastStream is installed). ``--model`` picks tiny-mlp or a
-stand-in (``bench.standins:embed384``: 384-d float32 outputs). Reports throughput and CPU
+stand-in (``bench.standins:embed384``: 384-d float32 outputs; ``bench.standins:ids384``: token ids in,
+384-d out, the encode stage of ``minilm-2stage`` without its encoder). Reports throughput and CPU
 microseconds per request of the serving process (from /proc), the median of per-round ratios to the
 floor with min-max; then p50/p99 latency at a fixed rate of half the slowest variant's saturation, after 500
 requests to warm up, results read ``read_committed`` as the client reads them.

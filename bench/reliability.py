@@ -79,6 +79,14 @@ def main() -> int:
         f"({', '.join(f'{x:.1f}' for x in r['recoveries'])}) |"
         for r in worst.values()
     )
+    lines += [
+        "",
+        "Raw duplicates in at-least-once are results sent again, never requests lost: an at-least-once worker commits",
+        "the offsets of acknowledged results at most every `commit_interval_ms` (100 ms), so the next owner of a",
+        "killed worker's partitions redoes up to that much of its work, and one frozen past its session timeout",
+        "has its last batches redone too. The client drops the repeats by request id. In exactly-once a result",
+        "and its request's offset commit together, so a `read_committed` reader sees each result once.",
+    ]
     if other:
         lines += ["", "Other cases (every run):", "", *(f"- {line}" for line in other)]
     out = Path(args.out)
