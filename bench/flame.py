@@ -40,16 +40,16 @@ async def main() -> None:
         await run.start()
         assert run.proc is not None
         args.out.mkdir(parents=True, exist_ok=True)
-        svg = args.out / f"flame-{args.label}.{'svg' if args.format == 'flamegraph' else 'txt'}"
+        path = args.out / f"flame-{args.label}.{'svg' if args.format == 'flamegraph' else 'txt'}"
         rec = await asyncio.create_subprocess_exec(
             spy, "record", "-p", str(run.proc.pid), "-d", str(round(args.seconds)), "-r", "250", "-f", args.format,
-            "-o", str(svg),
+            "-o", str(path),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         result = await run.drive(args.requests, None)
         await rec.wait()
         await run.stop()
         print(f"{args.variant}: {result['throughput']:,.0f} requests/s, "
-              f"{result['cpu_s_per_request'] * 1e6:.0f} µs CPU per request; {svg}")
+              f"{result['cpu_s_per_request'] * 1e6:.0f} µs CPU per request; {path}")
     finally:
         broker.stop()
 

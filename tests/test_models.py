@@ -171,3 +171,19 @@ def test_minilm_takes_token_ids_as_well_as_text() -> None:
     ]:
         with pytest.raises(BadInput, match=match):
             m.validate(bad)
+
+
+def test_the_ids384_stand_in_checks_ids_as_minilm_encode_does_and_pools_them() -> None:
+    """bench/bench_overhead.py's (d) stands for minilm-encode without its encoder: the same checks and padding."""
+    import torch
+
+    m = load_model("bench.standins:ids384", "cpu")
+    xs = m.example_inputs(8, seed=2)
+    out = m.run([m.validate(x) for x in xs])
+    for x, y in zip(xs, out, strict=True):
+        rows = m.table[torch.from_numpy(x.astype(np.int64))]  # type: ignore[attr-defined]
+        assert np.allclose(y, torch.nn.functional.normalize(rows.mean(0), dim=0).numpy(), atol=1e-5)
+    for bad in (np.array([30522], dtype=np.int32), np.zeros(257, dtype=np.int32), np.ones((2, 3), dtype=np.int32),
+                np.array([1.5])):
+        with pytest.raises(BadInput):
+            m.validate(bad)
