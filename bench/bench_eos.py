@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_worker import Run, drive_measured, machine, warm_broker  # noqa: E402
-from streamer.broker import LocalKafka  # noqa: E402
+from streamer.broker import LocalKafka, free_port  # noqa: E402
 
 
 async def one(variant: str, broker: LocalKafka, rate: float, seconds: float, requests: int,
@@ -39,7 +39,16 @@ async def one(variant: str, broker: LocalKafka, rate: float, seconds: float, req
         run.env = {"PYTHONPATH": baseline}
     if variant.endswith("ms") and "-" in variant:  # eos-<ms>ms: another transaction_ms
         run.env["STREAMER_TRANSACTION_MS"] = variant.split("-", 1)[1].removesuffix("ms")
+    if variant != "alo":  # the worker's transactions, as its metrics count them (drive_measured)
+        run.env["STREAMER_METRICS_PORT"] = str(free_port())
     return await drive_measured(run, broker, int(rate * seconds) if rate else requests, rate or None)
+
+
+def _txn_line(t: dict[str, float] | None) -> str:
+    if not t:
+        return ""
+    return (f"; {t['per_s']:.0f} txn/s of {t['items']:.0f} items, open {t['open_ms']:.1f} ms, "
+            f"deliver {t['deliver_ms']:.1f} ms, end {t['end_ms']:.1f} ms")
 
 
 async def main() -> None:
@@ -80,6 +89,7 @@ async def main() -> None:
             print(f"{label} {i}: " + ", ".join(f"{v} p50 {x['p50_ms']:.1f} ms p99 {x['p99_ms']:.1f} ms "
                                             f"{x['throughput']:,.0f}/s {x['cpu_s_per_request'] * 1e6:.0f} µs, "
                                             f"machine {x['machine_busy']:.0%} busy, broker {x['broker_cores']:.2f}"
+                                            + _txn_line(x.get("transactions"))
                                             for v, x in r.items()), flush=True)
     finally:
         broker.stop()
@@ -87,6 +97,9 @@ async def main() -> None:
     for v in variants:
         for field in ("p50_ms", "p99_ms", "throughput", "cpu_s_per_request", "machine_busy", "broker_cores"):
             summary[f"{v}.{field}"] = statistics.median(r[v][field] for r in rounds)
+        txns = [r[v]["transactions"] for r in rounds if r[v].get("transactions")]
+        for field in txns[0] if txns else ():
+            summary[f"{v}.transactions.{field}"] = statistics.median(t[field] for t in txns)
         if v != "alo":
             for field in ("p50_ms", "throughput"):
                 ratios = sorted(r[v][field] / r["alo"][field] for r in rounds)

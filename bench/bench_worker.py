@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -78,19 +79,53 @@ async def drive_measured(run: Run, broker: LocalKafka, n: int, rate: float | Non
     half the saturation of at-least-once is not half the machine."""
     pid = broker.pid
     assert pid is not None
+    port = run.env.get("STREAMER_METRICS_PORT")
     await run.start()
     try:
         if warmup:
             await run.drive(warmup, None)
         run.prepare(n)
+        before = await asyncio.to_thread(_scrape, port) if port else {}
         ticks, broker_s, t0 = _machine_ticks(), _cpu_seconds(pid), time.monotonic()
         out = await run.drive(n, rate)
         (total, idle), (total0, idle0) = _machine_ticks(), ticks
         out["machine_busy"] = 1 - (idle - idle0) / max(1, total - total0)
         out["broker_cores"] = (_cpu_seconds(pid) - broker_s) / (time.monotonic() - t0)
+        if port:
+            out["transactions"] = _transactions(before, await asyncio.to_thread(_scrape, port),
+                                                time.monotonic() - t0)
         return out
     finally:
         await run.stop()
+
+
+def _scrape(port: str) -> dict[tuple[str, str], float]:
+    """A worker's ``streamer_transaction*`` samples, by (name, phase or outcome)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, s.labels.get("phase") or s.labels.get("outcome") or ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("streamer_transaction") and "le" not in s.labels}
+
+
+def _transactions(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float],
+                  seconds: float) -> dict[str, float]:
+    """What the worker's own metrics say of the exactly-once transactions of a measured drive: how many a
+    second, their items, and the mean ms of each phase (open, deliver, end). Empty if it exports none (an
+    earlier checkout's worker)."""
+    def delta(name: str, label: str = "") -> float:
+        return after.get((name, label), 0.0) - before.get((name, label), 0.0)
+
+    n = delta("streamer_transactions_total", "committed")
+    if not n:
+        return {}
+    out = {"per_s": n / seconds, "failed": delta("streamer_transactions_total", "failed"),
+           "items": delta("streamer_transaction_items_sum") / n}
+    for phase in ("open", "deliver", "end"):
+        out[f"{phase}_ms"] = 1000 * delta("streamer_transaction_seconds_sum", phase) / n
+    return out
 
 
 async def warm_broker(broker: LocalKafka, variants: tuple[str, ...] = ("streamer",), requests: int = 20000,

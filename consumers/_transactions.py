@@ -47,6 +47,7 @@ from streamer import kafka
 from streamer.assignors import MemberCard
 from streamer.config import WorkerSettings
 from streamer.errors import AuthenticationFailed, BrokerError, TlsFailed
+from streamer.metrics import WorkerMetrics
 from streamer.status import member_cards
 
 from ._batch import Batch
@@ -73,6 +74,7 @@ class _Window:
     producer: AIOKafkaProducer
     opened: float  # time.monotonic()
     last: dict[TopicPartition, int] = field(default_factory=dict)  # the last offset covered, per partition
+    items: int = 0  # the batches' items published into it
     sent: list[Delivery] = field(default_factory=list)
     broken: bool = False  # a publish into it was interrupted: it may hold records past ``last``; never commit it
 
@@ -85,7 +87,7 @@ class TransactionWindows:
     """
 
     def __init__(self, settings: WorkerSettings, worker: str, outbox: Outbox, consumer: AIOKafkaConsumer,
-                 void: Callable[[TopicPartition], None]) -> None:
+                 void: Callable[[TopicPartition], None], metrics: WorkerMetrics) -> None:
         self.settings = settings
         # Unique per process: a worker started again must not fence the one before it by id (a zombie could
         # fence it back); a dead one's open transaction is fenced through the offsets' metadata instead.
@@ -101,6 +103,11 @@ class TransactionWindows:
         self._window: _Window | None = None
         self._span_s = settings.transaction_ms / 1000
         self.committed = 0  # transactions committed
+        # Prometheus children bound once; observed once per transaction.
+        m = metrics
+        self._outcomes = {o: m.labels(m.transactions, o) for o in ("committed", "failed")}
+        self._phases = [m.labels(m.transaction_time, phase) for phase in ("open", "deliver", "end")]
+        self._items = m.labels(m.transaction_items)
         self.fenced_others = 0  # transactional ids of previous owners fenced in a takeover
         self._lock = asyncio.Lock()
 
@@ -292,6 +299,7 @@ class TransactionWindows:
             except BaseException:
                 w.broken = True
                 raise
+            w.items += len(batch) if idx is None else len(idx)
             for run in batch.runs:  # in offset order: the last run of a partition has its last offset
                 if run.tp in live:
                     w.last[run.tp] = run.records[-1].offset
@@ -320,20 +328,30 @@ class TransactionWindows:
                 return
             offsets: asyncio.Future[None] | None = None
             try:
+                started = time.monotonic()
                 if w.last:
                     offsets = asyncio.ensure_future(w.producer.send_offsets_to_transaction(
                         {tp: last + 1 for tp, last in w.last.items()}, self.settings.group_id))
                 await self._delivered(w.sent, w.producer)
                 if offsets is not None:
                     await offsets
+                delivered = time.monotonic()
                 await w.producer.commit_transaction()
                 self.committed += 1
+                self._committed(w, started, delivered)
             except KafkaError as exc:
                 await self._failed(exc, set(w.last))
             finally:
                 if offsets is not None:  # records refused (the transaction aborts) or the commit cancelled
                     offsets.cancel()  # no-op once done
                     offsets.add_done_callback(_retrieve)
+
+    def _committed(self, w: _Window, started: float, delivered: float) -> None:
+        open_s, deliver_s, end_s = started - w.opened, delivered - started, time.monotonic() - delivered
+        for child, seconds in zip(self._phases, (open_s, deliver_s, end_s), strict=True):
+            child.observe(seconds)
+        self._items.observe(w.items)
+        self._outcomes["committed"].inc()
 
     async def _delivered(self, sent: list[Delivery], producer: AIOKafkaProducer) -> None:
         """Wait for a transaction's records. A record the cluster refused is learnt from (its reply topic
@@ -352,6 +370,7 @@ class TransactionWindows:
         if self._window is not None:
             tps |= set(self._window.last)
             self._window = None
+        self._outcomes["failed"].inc()
         log.warning("transaction failed (%r); settling it and going on from the committed offsets of %s", exc,
                     sorted(f"{tp.topic}-{tp.partition}" for tp in tps))
         await self._discard()

@@ -129,7 +129,7 @@ class Worker:
         self._commits = OrderedCommits(ConsumerCommitter(self._consumer), lambda tp: self._epochs[tp],
                                        lambda d, exc: self.outbox.settle(d, exc, self._producer),
                                        interval_s=settings.commit_interval_ms / 1000)
-        self._txn = (TransactionWindows(settings, self.name, self.outbox, self._consumer, self._void)
+        self._txn = (TransactionWindows(settings, self.name, self.outbox, self._consumer, self._void, self.metrics)
                      if settings.delivery == "exactly-once" else None)
         self.pipeline = Pipeline(self._queue, self.runner, self.outbox, self._producer, self._commits, self._txn,
                                  self.telemetry, self.stats, self.metrics, self.target, self._epochs.__getitem__,

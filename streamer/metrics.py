@@ -27,6 +27,9 @@ __all__ = ["WorkerMetrics", "observe_many", "scaling_estimate"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_TRANSACTION_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1,
+                        2.5, 5, 10)
+_ITEMS_BUCKETS = (*_BATCH_BUCKETS, 8192, 16384, 32768)
 
 
 def observe_many(child: Any, amount: float, n: int) -> None:
@@ -88,6 +91,18 @@ class WorkerMetrics:
                                 "or what the latency target chose", labels, registry=r)
         self.workers_needed = Gauge("streamer_workers_needed", "Workers like this one needed to keep up with the "
                                     "arrival rate and drain the lag in time", labels, registry=r)
+        # Exactly-once only (``consumers._transactions``); their series exist once a worker runs exactly-once.
+        self.transactions = Counter("streamer_transactions", "Exactly-once transactions ended, by outcome: committed, "
+                                    "or failed (the producer is replaced, which settles it, and its partitions are "
+                                    "read again from their committed offsets)", (*labels, "outcome"), registry=r)
+        self.transaction_time = Histogram(
+            "streamer_transaction_seconds", "Each committed exactly-once transaction's time, by phase: open (from its "
+            "first records to its commit's start; at most transaction_ms while more work is at hand), deliver (the "
+            "commit's wait for its records' and offsets' acknowledgement), end (EndTxn, the coordinator's answer)",
+            (*labels, "phase"), buckets=_TRANSACTION_BUCKETS, registry=r)
+        self.transaction_items = Histogram("streamer_transaction_items", "Items (results, stage outputs, dead "
+                                           "letters) per committed exactly-once transaction", labels,
+                                           buckets=_ITEMS_BUCKETS, registry=r)
         # Series that count rare events exist (at 0) from the start, so that rate() and increase() see the first one.
         self.labels(self.dropped)
         for code in get_args(ErrorCode):

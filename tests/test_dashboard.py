@@ -81,7 +81,7 @@ def _scrape(port: int) -> set[str]:
 async def test_every_metric_the_dashboard_queries_is_exported_by_a_running_worker(
     worker_settings: WorkerSettings, client_settings: ClientSettings, processes: Processes
 ) -> None:
-    ws = worker_settings
+    ws = worker_settings.model_copy(update={"delivery": "exactly-once"})  # exports the transactions' metrics too
     await kafka.ensure_topics(ws, [kafka.TopicSpec(ws.request_topic, 2), kafka.TopicSpec(ws.results_topic, 1),
                                    kafka.TopicSpec(ws.dead_letter_topic, 1)])
     port = free_port()

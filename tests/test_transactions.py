@@ -18,6 +18,7 @@ from consumers._transactions import TransactionWindows, _Window
 from streamer.assignors import MemberCard
 from streamer.config import WorkerSettings
 from streamer.errors import AuthenticationFailed, BrokerError
+from streamer.metrics import WorkerMetrics
 
 from .fakes import FakeConsumer, FakeProducer
 
@@ -51,12 +52,14 @@ class Group:
 
 
 def _windows(consumer: FakeConsumer, start_failures: list[BaseException] | None = None,
-             group: Group | None = None) -> tuple[TransactionWindows, list[TopicPartition], Group]:
+             group: Group | None = None, metrics: WorkerMetrics | None = None,
+             ) -> tuple[TransactionWindows, list[TopicPartition], Group]:
     """Windows over ``consumer``; producer starts fail with ``start_failures`` in turn, then succeed (noted in
     the consumer's calls, so that their order with its calls shows). Fencing an id aborts its transaction."""
     voided: list[TopicPartition] = []
     windows = TransactionWindows(WorkerSettings(bootstrap_servers="unused:9092", group_id="g"), "w",
-                                 outbox=None, consumer=consumer, void=voided.append)  # type: ignore[arg-type]
+                                 outbox=None, consumer=consumer, void=voided.append,  # type: ignore[arg-type]
+                                 metrics=metrics or WorkerMetrics("tiny-mlp"))
     group = group or Group(consumer)
     failures = list(start_failures or [])
     starts = 0
@@ -85,6 +88,10 @@ def _windows(consumer: FakeConsumer, start_failures: list[BaseException] | None 
     windows._fetch = group.fetch  # type: ignore[method-assign]
     windows._members = members  # type: ignore[method-assign]
     return windows, voided, group
+
+
+def _metric(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"model": metrics.model, "stage": "", **labels}) or 0.0
 
 
 async def _settled(windows: TransactionWindows) -> None:
@@ -247,7 +254,8 @@ def _sent(windows: TransactionWindows) -> asyncio.Future[None]:
 
 async def test_the_offsets_go_while_the_records_are_on_their_way_and_the_commit_after_both() -> None:
     consumer = FakeConsumer(assigned={TP})
-    windows, _, _ = _windows(consumer)
+    metrics = WorkerMetrics("tiny-mlp")
+    windows, _, _ = _windows(consumer, metrics=metrics)
     producer = FakeProducer("p")
     _open(windows, producer, {TP: 9})
     written = _sent(windows)
@@ -258,6 +266,12 @@ async def test_the_offsets_go_while_the_records_are_on_their_way_and_the_commit_
     written.set_result(None)
     await commit
     assert producer.calls == [("offsets", "p", {TP: 10}), ("commit", "p")] and windows.committed == 1
+    assert _metric(metrics, "streamer_transactions_total", outcome="committed") == 1
+    assert _metric(metrics, "streamer_transactions_total", outcome="failed") == 0
+    for phase in ("open", "deliver", "end"):  # each committed transaction timed once in each phase
+        assert _metric(metrics, "streamer_transaction_seconds_count", phase=phase) == 1
+    # The commit waited at least the five loop turns before the records were written.
+    assert _metric(metrics, "streamer_transaction_seconds_sum", phase="deliver") > 0
 
 
 async def test_a_record_refused_aborts_the_transaction_its_offsets_sent_beside_it_included() -> None:
@@ -283,11 +297,15 @@ async def test_a_commit_that_fails_goes_on_from_the_stable_offset_not_the_window
     """Whether the commit landed (an answer lost), was refused (a generation over) or the producer's id was
     fenced, nothing is guessed: the producer goes, the partitions are taken over again, and the offsets say."""
     consumer = FakeConsumer(assigned={TP}, committed_offsets={TP: 10})  # here the commit did land: 0-9 done
-    windows, voided, _ = _windows(consumer)
+    metrics = WorkerMetrics("tiny-mlp")
+    windows, voided, _ = _windows(consumer, metrics=metrics)
     old = FakeProducer("old", commit_error=error)
     _open(windows, old, {TP: 9})
     await windows.commit()
     assert voided == [TP] and old.stopped
+    assert _metric(metrics, "streamer_transactions_total", outcome="failed") == 1
+    assert _metric(metrics, "streamer_transactions_total", outcome="committed") == 0
+    assert _metric(metrics, "streamer_transaction_seconds_count", phase="end") == 0  # not timed: not committed
     await _settled(windows)
     assert consumer.calls == [("pause", TP), ("start",), ("fetch-unstable", TP), ("fetch", TP), ("seek", TP, 10),
                              ("resume", TP)]
