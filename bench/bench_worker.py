@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -101,8 +102,6 @@ async def drive_measured(run: Run, broker: LocalKafka, n: int, rate: float | Non
 
 def _scrape(port: str) -> dict[tuple[str, str], float]:
     """A worker's ``streamer_transaction*`` samples, by (name, phase or outcome)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     return {(s.name, s.labels.get("phase") or s.labels.get("outcome") or ""): s.value

@@ -102,8 +102,7 @@ class TransactionWindows:
         self._starting: asyncio.Future[AIOKafkaProducer] | None = None
         self._window: _Window | None = None
         self._span_s = settings.transaction_ms / 1000
-        self.committed = 0  # transactions committed
-        # Prometheus children bound once; observed once per transaction.
+        # Prometheus children bound once; observed once per transaction (its outcome is the count of them).
         m = metrics
         self._outcomes = {o: m.labels(m.transactions, o) for o in ("committed", "failed")}
         self._phases = [m.labels(m.transaction_time, phase) for phase in ("open", "deliver", "end")]
@@ -337,7 +336,6 @@ class TransactionWindows:
                     await offsets
                 delivered = time.monotonic()
                 await w.producer.commit_transaction()
-                self.committed += 1
                 self._committed(w, started, delivered)
             except KafkaError as exc:
                 await self._failed(exc, set(w.last))

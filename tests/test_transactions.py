@@ -226,12 +226,13 @@ def _open(windows: TransactionWindows, producer: FakeProducer, tps: dict[TopicPa
 async def test_one_transaction_commits_the_offsets_of_every_partition_it_covers() -> None:
     tp1 = TopicPartition("requests", 1)
     consumer = FakeConsumer(assigned={TP, tp1})
-    windows, _, _ = _windows(consumer)
+    metrics = WorkerMetrics("tiny-mlp")
+    windows, _, _ = _windows(consumer, metrics=metrics)
     producer = FakeProducer("p")
     _open(windows, producer, {TP: 9, tp1: 3})
     await windows.commit()
     assert producer.calls == [("offsets", "p", {TP: 10, tp1: 4}), ("commit", "p")]
-    assert windows.committed == 1 and windows.left_s() is None
+    assert _metric(metrics, "streamer_transactions_total", outcome="committed") == 1 and windows.left_s() is None
 
 
 class _Learnt:
@@ -265,7 +266,7 @@ async def test_the_offsets_go_while_the_records_are_on_their_way_and_the_commit_
     assert producer.calls == [("offsets", "p", {TP: 10})]  # before the records are written: no commit yet
     written.set_result(None)
     await commit
-    assert producer.calls == [("offsets", "p", {TP: 10}), ("commit", "p")] and windows.committed == 1
+    assert producer.calls == [("offsets", "p", {TP: 10}), ("commit", "p")]
     assert _metric(metrics, "streamer_transactions_total", outcome="committed") == 1
     assert _metric(metrics, "streamer_transactions_total", outcome="failed") == 0
     for phase in ("open", "deliver", "end"):  # each committed transaction timed once in each phase
@@ -278,7 +279,8 @@ async def test_a_record_refused_aborts_the_transaction_its_offsets_sent_beside_i
     """The offsets went with the records; a record refused means no commit: the producer goes (its transaction is
     aborted when the next one starts) and the partition is read again from its committed offset."""
     consumer = FakeConsumer(assigned={TP}, committed_offsets={TP: 3})
-    windows, voided, _ = _windows(consumer)
+    metrics = WorkerMetrics("tiny-mlp")
+    windows, voided, _ = _windows(consumer, metrics=metrics)
     windows.outbox = learnt = _Learnt()  # type: ignore[assignment]
     producer = FakeProducer("p")
     _open(windows, producer, {TP: 9})
@@ -288,7 +290,9 @@ async def test_a_record_refused_aborts_the_transaction_its_offsets_sent_beside_i
     assert learnt.refused == [refused]
     assert ("commit", "p") not in producer.calls and producer.stopped and voided == [TP]
     await _settled(windows)
-    assert consumer.positions == {TP: 3} and windows.committed == 0
+    assert consumer.positions == {TP: 3}
+    assert _metric(metrics, "streamer_transactions_total", outcome="committed") == 0
+    assert _metric(metrics, "streamer_transactions_total", outcome="failed") == 1
 
 
 @pytest.mark.parametrize("error", [KafkaTimeoutError(), GoneFromGroup("generation 7 is over"), ProducerFenced()],
@@ -309,7 +313,6 @@ async def test_a_commit_that_fails_goes_on_from_the_stable_offset_not_the_window
     await _settled(windows)
     assert consumer.calls == [("pause", TP), ("start",), ("fetch-unstable", TP), ("fetch", TP), ("seek", TP, 10),
                              ("resume", TP)]
-    assert windows.committed == 0
 
 
 @pytest.fixture(autouse=True)
